@@ -1,0 +1,624 @@
+//! The outbox mapper: an inserted row becomes a Kafka record.
+//!
+//! Debezium EventRouter compatible by default: topic from `aggregatetype`
+//! through `outbox.event.${routedByValue}`, key `aggregateid`, value `payload`
+//! exactly as PostgreSQL renders it, headers `id` and `type`. Columns are
+//! matched by name against the latest Relation message, so `ALTER TABLE`
+//! while the relay runs needs nothing from the operator.
+//!
+//! Pure: no IO. Column values stay slices of the replication frame.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+use crate::config::{MappingConfig, TableName};
+use crate::lsn::{pg_micros_to_system_time, Lsn};
+use crate::pgoutput::{Column, Insert, Relation, TupleData};
+
+/// Header carrying the transaction's commit LSN (`X/X`).
+pub const HEADER_LSN: &str = "outbox-relay-commit-lsn";
+/// Header carrying the transaction id.
+pub const HEADER_XID: &str = "outbox-relay-xid";
+/// Header carrying the commit time, RFC 3339 UTC with microseconds.
+pub const HEADER_COMMIT_TIME: &str = "outbox-relay-commit-time";
+
+/// The placeholder Debezium uses in `route.topic.replacement`.
+pub const ROUTED_BY_VALUE: &str = "${routedByValue}";
+
+/// Kafka's own limit on topic name length.
+const MAX_TOPIC_LEN: usize = 249;
+/// Distinct routing values whose topic names are cached.
+const TOPIC_CACHE_CAP: usize = 4096;
+
+/// `bytea`'s type oid: its text form is `\x` + hex, decoded to raw bytes.
+const BYTEA_OID: u32 = 17;
+
+/// What the transaction around a row tells us (from its Begin message).
+#[derive(Debug, Clone, Copy)]
+pub struct TxnInfo {
+    pub xid: u32,
+    /// LSN of the commit record (Begin's `final_lsn`).
+    pub commit_lsn: Lsn,
+    /// Microseconds since 2000-01-01 UTC.
+    pub commit_time: i64,
+}
+
+/// One Kafka record, ready for the producer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRecord {
+    pub topic: Arc<str>,
+    pub key: Option<Bytes>,
+    pub payload: Option<Bytes>,
+    pub headers: Vec<(Arc<str>, Bytes)>,
+    /// The row's id column as text, for errors and logs.
+    pub id: Option<Bytes>,
+}
+
+impl OutboxRecord {
+    /// Bytes this record holds in flight (for the byte window).
+    pub fn size(&self) -> usize {
+        self.topic.len()
+            + self.key.as_ref().map_or(0, Bytes::len)
+            + self.payload.as_ref().map_or(0, Bytes::len)
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
+}
+
+/// Why a row could not become a record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MappingError {
+    #[error("table {table} has no column {column:?} (columns: {available}); add it or set the mapping's {setting} to an existing column")]
+    MissingColumn {
+        table: String,
+        column: String,
+        setting: &'static str,
+        available: String,
+    },
+    #[error("row {id} has NULL in {column:?}, which the mapping needs; make the column NOT NULL or fix the row")]
+    NullColumn { id: String, column: String },
+    #[error("row {id} column {column:?} is not valid text ({reason})")]
+    BadValue {
+        id: String,
+        column: String,
+        reason: String,
+    },
+    #[error("row {id} routes to topic {topic:?}, which is not a legal Kafka topic name (1-249 characters of a-z A-Z 0-9 . _ -); fix the routing value or the topic template")]
+    InvalidTopic { id: String, topic: String },
+    #[error("row arrived for relation oid {0} before its Relation message (replication protocol violation)")]
+    UnknownRelation(u32),
+}
+
+impl MappingError {
+    /// True when the error is about one row's content (a poison row) rather
+    /// than about the table's shape or the protocol.
+    pub fn is_poison(&self) -> bool {
+        matches!(
+            self,
+            MappingError::NullColumn { .. }
+                | MappingError::BadValue { .. }
+                | MappingError::InvalidTopic { .. }
+        )
+    }
+}
+
+/// Column positions resolved from a Relation message.
+#[derive(Debug)]
+struct Resolved {
+    id: usize,
+    key: usize,
+    route: Option<usize>,
+    payload: usize,
+    payload_is_bytea: bool,
+    type_: Option<usize>,
+    headers: Vec<(Arc<str>, usize)>,
+}
+
+#[derive(Debug)]
+enum RelationKind {
+    Outbox(Resolved),
+    /// A table the publication carries that is not the outbox table.
+    Other { name: String },
+}
+
+/// What `map_insert` makes of a row.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Mapped {
+    Record(OutboxRecord),
+    /// The row belongs to another table of the publication.
+    OtherTable { table: String },
+}
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct OutboxMapper {
+    cfg: MappingConfig,
+    table: TableName,
+    relations: HashMap<u32, RelationKind>,
+    topics: HashMap<Bytes, Arc<str>>,
+    fixed_topic: Option<Arc<str>>,
+    header_id: Arc<str>,
+    header_type: Arc<str>,
+    header_lsn: Arc<str>,
+    header_xid: Arc<str>,
+    header_time: Arc<str>,
+}
+
+impl OutboxMapper {
+    pub fn new(cfg: MappingConfig, table: TableName) -> Self {
+        OutboxMapper {
+            fixed_topic: cfg.topic.as_deref().map(Arc::from),
+            header_id: Arc::from("id"),
+            header_type: Arc::from("type"),
+            header_lsn: Arc::from(HEADER_LSN),
+            header_xid: Arc::from(HEADER_XID),
+            header_time: Arc::from(HEADER_COMMIT_TIME),
+            cfg,
+            table,
+            relations: HashMap::new(),
+            topics: HashMap::new(),
+        }
+    }
+
+    /// A Relation message arrived: (re)resolve its columns by name.
+    pub fn on_relation(&mut self, rel: &Relation) -> Result<(), MappingError> {
+        if rel.namespace != self.table.schema || rel.name != self.table.name {
+            self.relations.insert(
+                rel.oid,
+                RelationKind::Other {
+                    name: format!("{}.{}", rel.namespace, rel.name),
+                },
+            );
+            return Ok(());
+        }
+        let table = format!("{}.{}", rel.namespace, rel.name);
+        let available = || {
+            rel.columns
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let find = |column: &str, setting: &'static str| -> Result<usize, MappingError> {
+            rel.columns
+                .iter()
+                .position(|c| c.name == column)
+                .ok_or_else(|| MappingError::MissingColumn {
+                    table: table.clone(),
+                    column: column.to_string(),
+                    setting,
+                    available: available(),
+                })
+        };
+        let cfg = &self.cfg;
+        let payload = find(&cfg.payload_column, "payload_column")?;
+        let resolved = Resolved {
+            id: find(&cfg.id_column, "id_column")?,
+            key: find(&cfg.key_column, "key_column")?,
+            route: match cfg.topic {
+                Some(_) => None,
+                None => Some(find(&cfg.route_column, "route_column")?),
+            },
+            payload,
+            payload_is_bytea: rel.columns[payload].type_oid == BYTEA_OID,
+            type_: match &cfg.type_column {
+                Some(c) => Some(find(c, "type_column")?),
+                None => None,
+            },
+            headers: cfg
+                .header_columns
+                .iter()
+                .map(|c| Ok((Arc::from(c.as_str()), find(c, "header_columns")?)))
+                .collect::<Result<_, MappingError>>()?,
+        };
+        self.relations
+            .insert(rel.oid, RelationKind::Outbox(resolved));
+        Ok(())
+    }
+
+    /// Turn one inserted row into a record.
+    pub fn map_insert(&mut self, ins: &Insert, txn: &TxnInfo) -> Result<Mapped, MappingError> {
+        let resolved = match self.relations.get(&ins.relation_oid) {
+            None => return Err(MappingError::UnknownRelation(ins.relation_oid)),
+            Some(RelationKind::Other { name }) => {
+                return Ok(Mapped::OtherTable {
+                    table: name.clone(),
+                })
+            }
+            Some(RelationKind::Outbox(r)) => r,
+        };
+        let cfg = &self.cfg;
+        let tuple = &ins.tuple;
+        let id = text(tuple, resolved.id);
+        let id_display = || {
+            id.as_ref()
+                .map(|b| format!("id={}", String::from_utf8_lossy(b)))
+                .unwrap_or_else(|| "with NULL id".to_string())
+        };
+        let required = |idx: usize, column: &str| -> Result<Bytes, MappingError> {
+            text(tuple, idx).ok_or_else(|| MappingError::NullColumn {
+                id: id_display(),
+                column: column.to_string(),
+            })
+        };
+        let id_value = required(resolved.id, &cfg.id_column)?;
+        let key = required(resolved.key, &cfg.key_column)?;
+        let payload = match text(tuple, resolved.payload) {
+            None => None,
+            Some(raw) if resolved.payload_is_bytea => {
+                Some(decode_bytea(&raw).map_err(|reason| MappingError::BadValue {
+                    id: id_display(),
+                    column: cfg.payload_column.clone(),
+                    reason,
+                })?)
+            }
+            Some(raw) => Some(raw),
+        };
+        let topic = match (&self.fixed_topic, resolved.route) {
+            (Some(t), _) => t.clone(),
+            (None, Some(route_idx)) => {
+                let route = required(route_idx, &cfg.route_column)?;
+                match self.topics.get(&route) {
+                    Some(t) => t.clone(),
+                    None => {
+                        let value = std::str::from_utf8(&route).map_err(|e| {
+                            MappingError::BadValue {
+                                id: id_display(),
+                                column: cfg.route_column.clone(),
+                                reason: e.to_string(),
+                            }
+                        })?;
+                        let topic = cfg.topic_template.replace(ROUTED_BY_VALUE, value);
+                        if !is_legal_topic(&topic) {
+                            return Err(MappingError::InvalidTopic {
+                                id: id_display(),
+                                topic,
+                            });
+                        }
+                        let topic: Arc<str> = Arc::from(topic);
+                        if self.topics.len() >= TOPIC_CACHE_CAP {
+                            self.topics.clear();
+                        }
+                        self.topics.insert(route, topic.clone());
+                        topic
+                    }
+                }
+            }
+            (None, None) => unreachable!("route column is resolved whenever no fixed topic is set"),
+        };
+
+        let mut headers = Vec::with_capacity(5 + resolved.headers.len());
+        headers.push((self.header_id.clone(), id_value.clone()));
+        if let Some(idx) = resolved.type_ {
+            if let Some(v) = text(tuple, idx) {
+                headers.push((self.header_type.clone(), v));
+            }
+        }
+        for (name, idx) in &resolved.headers {
+            if let Some(v) = text(tuple, *idx) {
+                headers.push((name.clone(), v));
+            }
+        }
+        if cfg.provenance_headers {
+            headers.push((
+                self.header_lsn.clone(),
+                Bytes::from(txn.commit_lsn.to_string()),
+            ));
+            headers.push((self.header_xid.clone(), Bytes::from(txn.xid.to_string())));
+            headers.push((
+                self.header_time.clone(),
+                Bytes::from(format_commit_time(txn.commit_time)),
+            ));
+        }
+        Ok(Mapped::Record(OutboxRecord {
+            topic,
+            key: Some(key),
+            payload,
+            headers,
+            id: Some(id_value),
+        }))
+    }
+}
+
+/// The text of column `idx`, or `None` for NULL / absent / TOAST-unchanged.
+fn text(tuple: &TupleData, idx: usize) -> Option<Bytes> {
+    match tuple.columns.get(idx)? {
+        Column::Text(b) | Column::Binary(b) => Some(b.clone()),
+        Column::Null | Column::UnchangedToast => None,
+    }
+}
+
+/// bytea's text output (`\x0123…`, the default `bytea_output = hex`) to raw bytes.
+fn decode_bytea(raw: &[u8]) -> Result<Bytes, String> {
+    let hex = raw
+        .strip_prefix(b"\\x")
+        .ok_or_else(|| "bytea is not in hex output format; set bytea_output = hex".to_string())?;
+    if hex.len() % 2 != 0 {
+        return Err("bytea hex text has an odd number of digits".into());
+    }
+    let nibble = |c: u8| -> Result<u8, String> {
+        match c {
+            b'0'..=b'9' => Ok(c - b'0'),
+            b'a'..=b'f' => Ok(c - b'a' + 10),
+            b'A'..=b'F' => Ok(c - b'A' + 10),
+            _ => Err(format!("bytea hex text has a non-hex character {:?}", c as char)),
+        }
+    };
+    let mut out = Vec::with_capacity(hex.len() / 2);
+    for pair in hex.chunks_exact(2) {
+        out.push((nibble(pair[0])? << 4) | nibble(pair[1])?);
+    }
+    Ok(Bytes::from(out))
+}
+
+/// Kafka's rule for topic names.
+pub fn is_legal_topic(topic: &str) -> bool {
+    !topic.is_empty()
+        && topic.len() <= MAX_TOPIC_LEN
+        && topic != "."
+        && topic != ".."
+        && topic
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// RFC 3339, UTC, microseconds.
+pub fn format_commit_time(pg_micros: i64) -> String {
+    let t: SystemTime = pg_micros_to_system_time(pg_micros);
+    humantime::format_rfc3339_micros(t).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pgoutput::RelationColumn;
+
+    fn table() -> TableName {
+        TableName {
+            schema: "public".into(),
+            name: "outbox_events".into(),
+        }
+    }
+
+    fn relation(oid: u32, cols: &[(&str, u32)]) -> Relation {
+        Relation {
+            xid: None,
+            oid,
+            namespace: "public".into(),
+            name: "outbox_events".into(),
+            replica_identity: b'd',
+            columns: cols
+                .iter()
+                .map(|(n, t)| RelationColumn {
+                    flags: 0,
+                    name: n.to_string(),
+                    type_oid: *t,
+                    type_modifier: -1,
+                })
+                .collect(),
+        }
+    }
+
+    fn debezium_relation() -> Relation {
+        relation(
+            16384,
+            &[
+                ("id", 2950),
+                ("aggregatetype", 25),
+                ("aggregateid", 25),
+                ("type", 25),
+                ("payload", 3802),
+                ("created_at", 1184),
+            ],
+        )
+    }
+
+    fn t(s: &str) -> Column {
+        Column::Text(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    fn insert(oid: u32, cols: Vec<Column>) -> Insert {
+        Insert {
+            xid: None,
+            relation_oid: oid,
+            tuple: TupleData { columns: cols },
+        }
+    }
+
+    const TXN: TxnInfo = TxnInfo {
+        xid: 747,
+        commit_lsn: Lsn(0x16_B374_D848),
+        commit_time: 0,
+    };
+
+    fn record(m: Mapped) -> OutboxRecord {
+        match m {
+            Mapped::Record(r) => r,
+            other => panic!("expected a record, got {other:?}"),
+        }
+    }
+
+    fn header<'a>(r: &'a OutboxRecord, name: &str) -> Option<&'a [u8]> {
+        r.headers
+            .iter()
+            .find(|(k, _)| &**k == name)
+            .map(|(_, v)| v.as_ref())
+    }
+
+    #[test]
+    fn debezium_defaults_map_a_row() {
+        let mut m = OutboxMapper::new(MappingConfig::default(), table());
+        m.on_relation(&debezium_relation()).unwrap();
+        let payload = r#"{"total": 12.5, "name": "Zoë ✓"}"#;
+        let r = record(
+            m.map_insert(
+                &insert(
+                    16384,
+                    vec![
+                        t("9f1c"),
+                        t("Order"),
+                        t("order-42"),
+                        t("OrderCreated"),
+                        t(payload),
+                        t("2026-11-24 10:00:00+00"),
+                    ],
+                ),
+                &TXN,
+            )
+            .unwrap(),
+        );
+        assert_eq!(&*r.topic, "outbox.event.Order");
+        assert_eq!(r.key.as_deref(), Some(&b"order-42"[..]));
+        assert_eq!(r.payload.as_deref(), Some(payload.as_bytes()));
+        assert_eq!(header(&r, "id"), Some(&b"9f1c"[..]));
+        assert_eq!(header(&r, "type"), Some(&b"OrderCreated"[..]));
+        assert_eq!(header(&r, HEADER_LSN), Some(&b"16/B374D848"[..]));
+        assert_eq!(header(&r, HEADER_XID), Some(&b"747"[..]));
+        assert_eq!(
+            header(&r, HEADER_COMMIT_TIME),
+            Some(&b"2000-01-01T00:00:00.000000Z"[..])
+        );
+    }
+
+    #[test]
+    fn columns_are_matched_by_name_after_alter_table() {
+        let mut m = OutboxMapper::new(MappingConfig::default(), table());
+        // A new column in front and a different order: matching is by name.
+        m.on_relation(&relation(
+            16384,
+            &[
+                ("tenant", 25),
+                ("payload", 3802),
+                ("type", 25),
+                ("aggregateid", 25),
+                ("aggregatetype", 25),
+                ("id", 2950),
+            ],
+        ))
+        .unwrap();
+        let r = record(
+            m.map_insert(
+                &insert(
+                    16384,
+                    vec![t("acme"), t("{}"), t("T"), t("k"), t("Customer"), t("1")],
+                ),
+                &TXN,
+            )
+            .unwrap(),
+        );
+        assert_eq!(&*r.topic, "outbox.event.Customer");
+        assert_eq!(r.key.as_deref(), Some(&b"k"[..]));
+        assert_eq!(header(&r, "id"), Some(&b"1"[..]));
+    }
+
+    #[test]
+    fn custom_columns_fixed_topic_and_extra_headers() {
+        let cfg = MappingConfig {
+            id_column: "idempotency_key".into(),
+            key_column: "saga_id".into(),
+            route_column: "unused".into(),
+            payload_column: "body".into(),
+            type_column: Some("event_type".into()),
+            topic: Some("sagas".into()),
+            header_columns: vec!["tenant".into()],
+            provenance_headers: false,
+            ..MappingConfig::default()
+        };
+        let mut m = OutboxMapper::new(cfg, table());
+        m.on_relation(&relation(
+            1,
+            &[
+                ("idempotency_key", 25),
+                ("saga_id", 25),
+                ("event_type", 25),
+                ("body", 17),
+                ("tenant", 25),
+            ],
+        ))
+        .unwrap();
+        let r = record(
+            m.map_insert(
+                &insert(1, vec![t("k1"), t("s1"), t("Started"), t("\\x00ff41"), Column::Null]),
+                &TXN,
+            )
+            .unwrap(),
+        );
+        assert_eq!(&*r.topic, "sagas");
+        assert_eq!(r.payload.as_deref(), Some(&[0u8, 0xff, 0x41][..]), "bytea decoded");
+        assert_eq!(header(&r, "type"), Some(&b"Started"[..]));
+        assert_eq!(header(&r, "tenant"), None, "NULL header column is omitted");
+        assert_eq!(header(&r, HEADER_LSN), None);
+    }
+
+    #[test]
+    fn missing_column_names_the_fix() {
+        let mut m = OutboxMapper::new(MappingConfig::default(), table());
+        let err = m
+            .on_relation(&relation(1, &[("id", 25), ("payload", 25)]))
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("aggregateid"), "{msg}");
+        assert!(msg.contains("id, payload"), "{msg}");
+        assert!(!err.is_poison());
+    }
+
+    #[test]
+    fn poison_rows_are_errors_not_records() {
+        let mut m = OutboxMapper::new(MappingConfig::default(), table());
+        m.on_relation(&debezium_relation()).unwrap();
+        let null_key = insert(
+            16384,
+            vec![t("1"), t("Order"), Column::Null, t("T"), t("{}"), Column::Null],
+        );
+        let e = m.map_insert(&null_key, &TXN).unwrap_err();
+        assert!(e.is_poison());
+        assert!(e.to_string().contains("id=1"), "{e}");
+        let bad_topic = insert(
+            16384,
+            vec![t("2"), t("Order/../x"), t("k"), t("T"), t("{}"), Column::Null],
+        );
+        let e = m.map_insert(&bad_topic, &TXN).unwrap_err();
+        assert!(matches!(e, MappingError::InvalidTopic { .. }), "{e}");
+    }
+
+    #[test]
+    fn other_tables_and_unknown_relations() {
+        let mut m = OutboxMapper::new(MappingConfig::default(), table());
+        let mut other = debezium_relation();
+        other.oid = 7;
+        other.name = "audit".into();
+        m.on_relation(&other).unwrap();
+        assert_eq!(
+            m.map_insert(&insert(7, vec![]), &TXN).unwrap(),
+            Mapped::OtherTable {
+                table: "public.audit".into()
+            }
+        );
+        assert_eq!(
+            m.map_insert(&insert(8, vec![]), &TXN).unwrap_err(),
+            MappingError::UnknownRelation(8)
+        );
+    }
+
+    #[test]
+    fn topic_legality() {
+        assert!(is_legal_topic("outbox.event.Order_v2-x"));
+        for bad in ["", ".", "..", "a b", "a/b", "ünï", &"x".repeat(250)] {
+            assert!(!is_legal_topic(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn bytea_decoding_rejects_bad_text() {
+        assert!(decode_bytea(b"00ff").is_err());
+        assert!(decode_bytea(b"\\x0").is_err());
+        assert!(decode_bytea(b"\\xzz").is_err());
+        assert_eq!(&decode_bytea(b"\\x").unwrap()[..], b"");
+    }
+}
