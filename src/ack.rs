@@ -134,7 +134,10 @@ impl AckTracker {
 
     /// The open transaction commits; `end_lsn` is the Commit message's `end_lsn`.
     pub fn commit(&mut self, end_lsn: Lsn) -> Result<(), AckError> {
-        let seq = self.open.take().ok_or(AckError::NoOpenTransaction("Commit"))?;
+        let seq = self
+            .open
+            .take()
+            .ok_or(AckError::NoOpenTransaction("Commit"))?;
         self.note_received(end_lsn);
         if let Some(Entry::Txn { end_lsn: slot, .. }) = self.entry_mut(seq) {
             *slot = Some(end_lsn);
@@ -256,7 +259,11 @@ mod tests {
         let second = t.record_sent().unwrap();
         t.commit(lsn(20)).unwrap();
         t.ack(second).unwrap();
-        assert_eq!(t.flushed(), lsn(0), "must not pass the unacked first transaction");
+        assert_eq!(
+            t.flushed(),
+            lsn(0),
+            "must not pass the unacked first transaction"
+        );
         t.ack(first).unwrap();
         assert_eq!(t.flushed(), lsn(20));
     }
@@ -319,7 +326,10 @@ mod tests {
             3 => (0u8..5).prop_map(|records| Item::Txn { records }),
             1 => Just(Item::Keepalive),
         ];
-        (proptest::collection::vec(item, 0..40), proptest::collection::vec(any::<usize>(), 200))
+        (
+            proptest::collection::vec(item, 0..40),
+            proptest::collection::vec(any::<usize>(), 200),
+        )
     }
 
     proptest! {

@@ -4,6 +4,7 @@
 
 pub mod ack;
 pub mod config;
+pub mod kafka;
 pub mod lsn;
 pub mod outbox;
 pub mod pgoutput;

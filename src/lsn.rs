@@ -121,7 +121,15 @@ mod tests {
     #[test]
     fn lsn_rejects_garbage() {
         for bad in [
-            "", "/", "1/", "/1", "12", "G/1", "1/2/3", "123456789/0", "-1/0",
+            "",
+            "/",
+            "1/",
+            "/1",
+            "12",
+            "G/1",
+            "1/2/3",
+            "123456789/0",
+            "-1/0",
         ] {
             assert!(bad.parse::<Lsn>().is_err(), "{bad:?} should not parse");
         }

@@ -124,7 +124,9 @@ struct Resolved {
 enum RelationKind {
     Outbox(Resolved),
     /// A table the publication carries that is not the outbox table.
-    Other { name: String },
+    Other {
+        name: String,
+    },
 }
 
 /// What `map_insert` makes of a row.
@@ -132,7 +134,9 @@ enum RelationKind {
 pub enum Mapped {
     Record(OutboxRecord),
     /// The row belongs to another table of the publication.
-    OtherTable { table: String },
+    OtherTable {
+        table: String,
+    },
 }
 
 /// See the module documentation.
@@ -267,13 +271,12 @@ impl OutboxMapper {
                 match self.topics.get(&route) {
                     Some(t) => t.clone(),
                     None => {
-                        let value = std::str::from_utf8(&route).map_err(|e| {
-                            MappingError::BadValue {
+                        let value =
+                            std::str::from_utf8(&route).map_err(|e| MappingError::BadValue {
                                 id: id_display(),
                                 column: cfg.route_column.clone(),
                                 reason: e.to_string(),
-                            }
-                        })?;
+                            })?;
                         let topic = cfg.topic_template.replace(ROUTED_BY_VALUE, value);
                         if !is_legal_topic(&topic) {
                             return Err(MappingError::InvalidTopic {
@@ -347,7 +350,10 @@ fn decode_bytea(raw: &[u8]) -> Result<Bytes, String> {
             b'0'..=b'9' => Ok(c - b'0'),
             b'a'..=b'f' => Ok(c - b'a' + 10),
             b'A'..=b'F' => Ok(c - b'A' + 10),
-            _ => Err(format!("bytea hex text has a non-hex character {:?}", c as char)),
+            _ => Err(format!(
+                "bytea hex text has a non-hex character {:?}",
+                c as char
+            )),
         }
     };
     let mut out = Vec::with_capacity(hex.len() / 2);
@@ -544,13 +550,20 @@ mod tests {
         .unwrap();
         let r = record(
             m.map_insert(
-                &insert(1, vec![t("k1"), t("s1"), t("Started"), t("\\x00ff41"), Column::Null]),
+                &insert(
+                    1,
+                    vec![t("k1"), t("s1"), t("Started"), t("\\x00ff41"), Column::Null],
+                ),
                 &TXN,
             )
             .unwrap(),
         );
         assert_eq!(&*r.topic, "sagas");
-        assert_eq!(r.payload.as_deref(), Some(&[0u8, 0xff, 0x41][..]), "bytea decoded");
+        assert_eq!(
+            r.payload.as_deref(),
+            Some(&[0u8, 0xff, 0x41][..]),
+            "bytea decoded"
+        );
         assert_eq!(header(&r, "type"), Some(&b"Started"[..]));
         assert_eq!(header(&r, "tenant"), None, "NULL header column is omitted");
         assert_eq!(header(&r, HEADER_LSN), None);
@@ -574,14 +587,28 @@ mod tests {
         m.on_relation(&debezium_relation()).unwrap();
         let null_key = insert(
             16384,
-            vec![t("1"), t("Order"), Column::Null, t("T"), t("{}"), Column::Null],
+            vec![
+                t("1"),
+                t("Order"),
+                Column::Null,
+                t("T"),
+                t("{}"),
+                Column::Null,
+            ],
         );
         let e = m.map_insert(&null_key, &TXN).unwrap_err();
         assert!(e.is_poison());
         assert!(e.to_string().contains("id=1"), "{e}");
         let bad_topic = insert(
             16384,
-            vec![t("2"), t("Order/../x"), t("k"), t("T"), t("{}"), Column::Null],
+            vec![
+                t("2"),
+                t("Order/../x"),
+                t("k"),
+                t("T"),
+                t("{}"),
+                Column::Null,
+            ],
         );
         let e = m.map_insert(&bad_topic, &TXN).unwrap_err();
         assert!(matches!(e, MappingError::InvalidTopic { .. }), "{e}");

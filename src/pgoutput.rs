@@ -207,8 +207,14 @@ pub enum Column {
 pub enum DecodeError {
     #[error("pgoutput message is empty")]
     Empty,
-    #[error("pgoutput message {tag:?} is truncated: needed {needed} more bytes at offset {offset}")]
-    Truncated { tag: char, offset: usize, needed: usize },
+    #[error(
+        "pgoutput message {tag:?} is truncated: needed {needed} more bytes at offset {offset}"
+    )]
+    Truncated {
+        tag: char,
+        offset: usize,
+        needed: usize,
+    },
     #[error("unknown pgoutput message tag 0x{0:02x}")]
     UnknownTag(u8),
     #[error("pgoutput message {tag:?} is malformed: {reason}")]

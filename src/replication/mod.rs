@@ -56,7 +56,10 @@ pub struct ServerError {
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
     #[error("cannot connect to PostgreSQL at {addr}: {source}")]
-    Connect { addr: String, source: std::io::Error },
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("connection to PostgreSQL timed out after {0:?}")]
     ConnectTimeout(Duration),
     #[error("replication connection I/O failed: {0}")]
@@ -95,9 +98,18 @@ pub struct CreatedSlot {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplicationMessage {
     /// `w`: WAL data; `data` is one pgoutput message.
-    XLogData { wal_start: Lsn, wal_end: Lsn, send_time: i64, data: Bytes },
+    XLogData {
+        wal_start: Lsn,
+        wal_end: Lsn,
+        send_time: i64,
+        data: Bytes,
+    },
     /// `k`: keepalive.
-    Keepalive { wal_end: Lsn, send_time: i64, reply_requested: bool },
+    Keepalive {
+        wal_end: Lsn,
+        send_time: i64,
+        reply_requested: bool,
+    },
 }
 
 /// A replication connection before streaming (simple-query mode).
@@ -125,12 +137,18 @@ impl ReplicationClient {
     }
 
     /// Run one simple query; rows as text columns.
-    pub async fn simple_query(&mut self, _sql: &str) -> Result<Vec<Vec<Option<String>>>, ReplicationError> {
+    pub async fn simple_query(
+        &mut self,
+        _sql: &str,
+    ) -> Result<Vec<Vec<Option<String>>>, ReplicationError> {
         todo!("in progress")
     }
 
     /// `CREATE_REPLICATION_SLOT "name" LOGICAL pgoutput` (+ `(SNAPSHOT 'nothing')` on PG15+).
-    pub async fn create_logical_slot(&mut self, _slot: &str) -> Result<CreatedSlot, ReplicationError> {
+    pub async fn create_logical_slot(
+        &mut self,
+        _slot: &str,
+    ) -> Result<CreatedSlot, ReplicationError> {
         todo!("in progress")
     }
 

@@ -1,0 +1,282 @@
+//! The Kafka side: an idempotent, pipelined producer whose delivery reports
+//! come back to the relay loop as [`SinkEvent`]s, plus topic preparation.
+//!
+//! librdkafka's `ThreadedProducer` polls on its own thread; its delivery
+//! callback forwards each report over a channel, so the relay loop never
+//! waits for one acknowledgement before sending the next record. The channel
+//! is unbounded, but it never holds more than the relay's in-flight window
+//! (every event answers one record the window admitted) plus rare error events.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
+use tokio::sync::mpsc;
+
+use crate::ack::TxnToken;
+use crate::outbox::OutboxRecord;
+
+/// Producer settings the relay sets before the operator's own properties,
+/// which override them. Each is a deliberate choice:
+pub const DEFAULT_PRODUCER_PROPERTIES: &[(&str, &str)] = &[
+    // Guarantee 2 (ack after broker) and no duplicates from producer retries.
+    ("enable.idempotence", "true"),
+    ("acks", "all"),
+    // Latency first: batch for at most 1 ms (librdkafka's default is 5 ms).
+    ("linger.ms", "1"),
+    // Same key → same partition as the Java client (and Debezium) would pick.
+    ("partitioner", "murmur2_random"),
+    ("client.id", "outbox-relay"),
+];
+
+/// Everything the relay needs to finish a record when its report comes back.
+#[derive(Debug, Clone, Copy)]
+pub struct DeliveryToken {
+    /// Session generation: reports from an earlier session are ignored.
+    pub generation: u64,
+    pub txn: TxnToken,
+    pub bytes: usize,
+    /// Commit time of the row's transaction (µs since 2000-01-01), for latency.
+    pub commit_time: i64,
+}
+
+/// What the producer tells the relay loop.
+#[derive(Debug)]
+pub enum SinkEvent {
+    Delivered(DeliveryToken),
+    Failed(DeliveryToken, KafkaError),
+    /// librdkafka raised a fatal error: the producer must be rebuilt.
+    Fatal(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaSinkError {
+    #[error("cannot create the Kafka producer: {0}; check kafka brokers and properties")]
+    Create(KafkaError),
+    #[error("cannot create topic {topic:?}: {reason}")]
+    CreateTopic { topic: String, reason: String },
+    #[error("topic {topic:?} does not exist and topic creation is off; create it, or enable kafka.create_topics")]
+    TopicMissing { topic: String },
+    #[error("cannot read Kafka metadata for topic {topic:?}: {source}; is the broker reachable?")]
+    Metadata { topic: String, source: KafkaError },
+    #[error("the Kafka producer's queue is full")]
+    QueueFull,
+    #[error("cannot hand a record to the Kafka producer: {0}")]
+    Produce(KafkaError),
+}
+
+impl KafkaSinkError {
+    /// Worth retrying after a reconnect (as opposed to needing an operator).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            KafkaSinkError::Metadata { .. }
+                | KafkaSinkError::QueueFull
+                | KafkaSinkError::Produce(_)
+        ) || matches!(self, KafkaSinkError::CreateTopic { reason, .. } if reason.contains("timed out"))
+    }
+}
+
+/// Forwards librdkafka callbacks to the relay loop.
+pub struct SinkContext {
+    events: mpsc::UnboundedSender<SinkEvent>,
+}
+
+impl ClientContext for SinkContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal)) {
+            let _ = self
+                .events
+                .send(SinkEvent::Fatal(format!("{error}: {reason}")));
+        } else {
+            // Transient (broker down, connection refused...): librdkafka retries
+            // by itself; the delivery reports say whether it worked in time.
+            tracing::warn!(error = %error, reason, "kafka client error");
+        }
+    }
+}
+
+impl ProducerContext for SinkContext {
+    type DeliveryOpaque = Box<DeliveryToken>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, token: Self::DeliveryOpaque) {
+        let event = match result {
+            Ok(_) => SinkEvent::Delivered(*token),
+            Err((e, _)) => SinkEvent::Failed(*token, e.clone()),
+        };
+        // The receiver is gone only while the relay shuts down.
+        let _ = self.events.send(event);
+    }
+}
+
+/// The producer plus the receiving end of its reports.
+pub struct KafkaSink {
+    producer: ThreadedProducer<SinkContext>,
+    admin: AdminClient<DefaultClientContext>,
+    events: mpsc::UnboundedReceiver<SinkEvent>,
+    create_topics: bool,
+    partitions: i32,
+    replication_factor: i32,
+}
+
+/// How to build a [`KafkaSink`].
+#[derive(Debug, Clone)]
+pub struct SinkSettings {
+    pub brokers: String,
+    pub properties: BTreeMap<String, String>,
+    pub create_topics: bool,
+    pub topic_partitions: i32,
+    pub topic_replication_factor: i32,
+    /// The relay's in-flight record window; the producer queue is sized to hold it.
+    pub max_in_flight_records: usize,
+}
+
+impl SinkSettings {
+    /// The librdkafka configuration: our defaults, then the operator's properties.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", &self.brokers);
+        for (k, v) in DEFAULT_PRODUCER_PROPERTIES {
+            cfg.set(*k, *v);
+        }
+        // Room for the whole window, so QueueFull stays the exception.
+        let queue = self.max_in_flight_records.clamp(1000, 10_000_000);
+        cfg.set("queue.buffering.max.messages", queue.to_string());
+        for (k, v) in &self.properties {
+            cfg.set(k, v);
+        }
+        cfg
+    }
+}
+
+impl KafkaSink {
+    pub fn new(settings: &SinkSettings) -> Result<Self, KafkaSinkError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let cfg = settings.client_config();
+        let producer: ThreadedProducer<SinkContext> = cfg
+            .create_with_context(SinkContext { events: tx })
+            .map_err(KafkaSinkError::Create)?;
+        let admin: AdminClient<DefaultClientContext> =
+            cfg.create().map_err(KafkaSinkError::Create)?;
+        Ok(KafkaSink {
+            producer,
+            admin,
+            events: rx,
+            create_topics: settings.create_topics,
+            partitions: settings.topic_partitions,
+            replication_factor: settings.topic_replication_factor,
+        })
+    }
+
+    /// Hand one record to librdkafka. `Err(QueueFull)` means "wait for
+    /// deliveries and try again", never "drop".
+    pub fn send(&self, record: &OutboxRecord, token: DeliveryToken) -> Result<(), KafkaSinkError> {
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+        for (name, value) in &record.headers {
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value.as_ref()),
+            });
+        }
+        let mut rec: BaseRecord<'_, [u8], [u8], Box<DeliveryToken>> =
+            BaseRecord::with_opaque_to(&record.topic, Box::new(token)).headers(headers);
+        if let Some(k) = &record.key {
+            rec = rec.key(k.as_ref());
+        }
+        if let Some(p) = &record.payload {
+            rec = rec.payload(p.as_ref());
+        }
+        match self.producer.send(rec) {
+            Ok(()) => Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                Err(KafkaSinkError::QueueFull)
+            }
+            Err((e, _)) => Err(KafkaSinkError::Produce(e)),
+        }
+    }
+
+    /// Next delivery report or producer event. Cancellation-safe.
+    pub async fn next_event(&mut self) -> Option<SinkEvent> {
+        self.events.recv().await
+    }
+
+    /// A fatal producer error, if librdkafka has raised one.
+    pub fn fatal_error(&self) -> Option<String> {
+        self.producer
+            .client()
+            .fatal_error()
+            .map(|(code, reason)| format!("{code:?}: {reason}"))
+    }
+
+    /// Make sure `topic` exists before its first record: create it (when
+    /// allowed; an existing topic is fine), or check the metadata.
+    pub async fn prepare_topic(&self, topic: &str) -> Result<(), KafkaSinkError> {
+        if self.create_topics {
+            let replication = TopicReplication::Fixed(self.replication_factor);
+            let new = NewTopic::new(topic, self.partitions, replication);
+            let opts = AdminOptions::new()
+                .operation_timeout(Some(Duration::from_secs(10)))
+                .request_timeout(Some(Duration::from_secs(15)));
+            let results = self.admin.create_topics([&new], &opts).await.map_err(|e| {
+                KafkaSinkError::CreateTopic {
+                    topic: topic.to_string(),
+                    reason: e.to_string(),
+                }
+            })?;
+            for r in results {
+                match r {
+                    Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((_, code)) => {
+                        return Err(KafkaSinkError::CreateTopic {
+                            topic: topic.to_string(),
+                            reason: format!("{code:?} ({code})"),
+                        })
+                    }
+                }
+            }
+            tracing::info!(topic, "kafka topic ready");
+            return Ok(());
+        }
+        // A blocking librdkafka call, once per topic: keep the runtime's other
+        // tasks running while it waits (needs the multi-thread runtime).
+        let metadata = tokio::task::block_in_place(|| {
+            self.producer
+                .client()
+                .fetch_metadata(Some(topic), Duration::from_secs(10))
+        })
+        .map_err(|source| KafkaSinkError::Metadata {
+            topic: topic.to_string(),
+            source,
+        })?;
+        let known = metadata
+            .topics()
+            .iter()
+            .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
+        if known {
+            Ok(())
+        } else {
+            Err(KafkaSinkError::TopicMissing {
+                topic: topic.to_string(),
+            })
+        }
+    }
+
+    /// Wait (bounded) for librdkafka to finish what it holds, then drop the
+    /// producer off the async runtime (dropping purges and joins a thread).
+    pub async fn close(self, timeout: Duration) {
+        let producer = self.producer;
+        let admin = self.admin;
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = producer.flush(timeout);
+            drop(producer);
+            drop(admin);
+        })
+        .await;
+    }
+}

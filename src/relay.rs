@@ -1,0 +1,589 @@
+//! The relay loop: one task owns the replication session, the mapper, the
+//! producer handle and the ack tracker. No locks on the hot path.
+//!
+//! ```text
+//! run ─► session ─► loop { select! biased:
+//!          1. shutdown        stop intake, drain in-flight records (bounded)
+//!          2. delivery report ack the record in the tracker, free the window
+//!          3. status timer    send written/flushed to PostgreSQL (+ ask for a keepalive)
+//!          4. queue-full retry
+//!          5. intake          next replication message, only while the window has room
+//!        }
+//!      ◄─ on error: disposition → retry from the slot with jittered backoff, or stop
+//! ```
+//!
+//! The branch order is the priority: shutdown first so a SIGTERM is never
+//! starved; delivery reports before intake so acknowledgements (which free the
+//! window and move the flush LSN) always win over reading more, which is what
+//! keeps memory bounded; the timer before intake so status updates keep going
+//! while the window is full or the broker is slow (otherwise the walsender
+//! times out after `wal_sender_timeout`).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+
+use crate::ack::{AckError, AckTracker};
+use crate::config::Config;
+use crate::kafka::{DeliveryToken, KafkaSink, KafkaSinkError, SinkEvent, SinkSettings};
+use crate::lsn::Lsn;
+use crate::outbox::{Mapped, MappingError, OutboxMapper, OutboxRecord, TxnInfo};
+use crate::pgoutput::{DecodeError, Decoder, Message};
+use crate::replication::{
+    ReplicationClient, ReplicationError, ReplicationMessage, ReplicationStream,
+};
+use crate::setup::{self, Problem};
+
+/// How long the final CopyDone handshake may take at shutdown.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
+/// A session that streamed this long resets the reconnect backoff.
+const HEALTHY_SESSION: Duration = Duration::from_secs(30);
+/// Pause before retrying a record librdkafka's queue refused.
+const QUEUE_FULL_RETRY: Duration = Duration::from_millis(5);
+
+/// What to do about an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Reconnect from the slot after a backoff (at-least-once, never skip).
+    Retry,
+    /// Stop: a human must act (the message says what to do).
+    Fatal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("PostgreSQL is not ready for the relay:\n{}", render(.0))]
+    Preflight(Vec<Problem>),
+    #[error(transparent)]
+    Setup(#[from] setup::SetupError),
+    #[error("SQL connection: {0}")]
+    Sql(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    #[error("cannot decode the replication stream: {0}; please report this with the PostgreSQL version")]
+    Decode(#[from] DecodeError),
+    #[error("{0}")]
+    Mapping(#[from] MappingError),
+    #[error("the replication stream broke the transaction framing: {0}")]
+    Framing(#[from] AckError),
+    #[error(transparent)]
+    Kafka(#[from] KafkaSinkError),
+    #[error("Kafka did not acknowledge a record for topic {topic}: {error}")]
+    Delivery { topic: String, error: String },
+    #[error("the Kafka producer hit a fatal error ({0}); rebuilding it and resuming from the slot")]
+    ProducerFatal(String),
+    #[error("replication slot {slot:?} does not exist and slot creation is off; create it (SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')) or enable postgres.create_slot")]
+    SlotMissing { slot: String },
+    #[error("replication slot {slot:?} is invalidated ({reason}): PostgreSQL removed WAL it still needed, so events may be missing; drop it (SELECT pg_drop_replication_slot('{slot}')), let the relay create a new one, and backfill from the outbox table")]
+    SlotInvalidated { slot: String, reason: String },
+    #[error("replication slot {slot:?} uses plugin {plugin:?}, not pgoutput; use another slot name or drop it")]
+    SlotPlugin { slot: String, plugin: String },
+    #[error("unexpected pgoutput message {0}: the relay does not enable streaming or two-phase decoding")]
+    Unexpected(&'static str),
+    #[error("PostgreSQL ended the replication stream")]
+    StreamEnded,
+}
+
+fn render(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  - {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl RelayError {
+    /// The one place that decides what an error means for the process.
+    pub fn disposition(&self) -> Disposition {
+        use Disposition::*;
+        match self {
+            RelayError::Config(_)
+            | RelayError::Preflight(_)
+            | RelayError::SlotMissing { .. }
+            | RelayError::SlotInvalidated { .. }
+            | RelayError::SlotPlugin { .. }
+            | RelayError::Unexpected(_) => Fatal,
+            RelayError::Mapping(_) => Fatal,
+            RelayError::Setup(e) => {
+                if e.is_transient() {
+                    Retry
+                } else {
+                    Fatal
+                }
+            }
+            RelayError::Sql(e) => match e.code() {
+                Some(code) => sqlstate_disposition(code.code()),
+                None => Retry,
+            },
+            RelayError::Replication(e) => match e {
+                ReplicationError::Server(s) => {
+                    if s.code == "55000" && s.message.contains("can no longer get changes") {
+                        Fatal
+                    } else {
+                        sqlstate_disposition(&s.code)
+                    }
+                }
+                ReplicationError::Auth(_) | ReplicationError::FrameTooLarge { .. } => Fatal,
+                _ => Retry,
+            },
+            RelayError::Kafka(e) => {
+                if e.is_transient() {
+                    Retry
+                } else {
+                    Fatal
+                }
+            }
+            RelayError::Decode(_)
+            | RelayError::Framing(_)
+            | RelayError::Delivery { .. }
+            | RelayError::ProducerFatal(_)
+            | RelayError::StreamEnded => Retry,
+        }
+    }
+
+    /// Errors after which the producer is rebuilt.
+    fn rebuild_producer(&self) -> bool {
+        matches!(
+            self,
+            RelayError::ProducerFatal(_) | RelayError::Delivery { .. }
+        )
+    }
+}
+
+/// SQLSTATE classes: connection trouble and "object in use" are transient;
+/// authentication, privileges, missing objects and bad requests need a human.
+fn sqlstate_disposition(code: &str) -> Disposition {
+    match code.get(..2) {
+        Some("28") | Some("42") | Some("3D") | Some("22") | Some("0A") => Disposition::Fatal,
+        _ => Disposition::Retry,
+    }
+}
+
+/// How a session ended without error.
+enum SessionEnd {
+    Shutdown,
+}
+
+/// Which pgoutput options to send, from the server version. Streaming stays
+/// off on purpose: streamed in-progress transactions would have to be
+/// buffered until commit (unbounded) or published before commit (a rolled
+/// back transaction's rows would reach Kafka). Without it the server spills
+/// big transactions to disk and sends them after commit, which the bounded
+/// window streams through.
+pub fn pgoutput_options(server_version_num: u32, publication: &str) -> Vec<(String, String)> {
+    let mut opts = vec![
+        ("proto_version".to_string(), "1".to_string()),
+        (
+            "publication_names".to_string(),
+            format!("\"{}\"", publication.replace('"', "\"\"")),
+        ),
+    ];
+    if server_version_num >= 160000 {
+        // Relay rows whatever their replication origin (the default, said out loud).
+        opts.push(("origin".to_string(), "any".to_string()));
+    }
+    opts
+}
+
+/// Records and bytes handed to the producer and not yet acknowledged.
+#[derive(Debug, Default)]
+struct Window {
+    records: usize,
+    bytes: usize,
+}
+
+/// The relay: configuration, the producer, and the shutdown signal.
+pub struct Relay {
+    cfg: Config,
+    shutdown: CancellationToken,
+    generation: u64,
+    sink: Option<KafkaSink>,
+    started: bool,
+}
+
+impl Relay {
+    pub fn new(cfg: Config, shutdown: CancellationToken) -> Self {
+        Relay {
+            cfg,
+            shutdown,
+            generation: 0,
+            sink: None,
+            started: false,
+        }
+    }
+
+    fn sink_settings(&self) -> SinkSettings {
+        SinkSettings {
+            brokers: self.cfg.kafka.brokers.clone(),
+            properties: self.cfg.kafka.properties.clone(),
+            create_topics: self.cfg.kafka.create_topics,
+            topic_partitions: self.cfg.kafka.topic_partitions,
+            topic_replication_factor: self.cfg.kafka.topic_replication_factor,
+            max_in_flight_records: self.cfg.relay.max_in_flight_records,
+        }
+    }
+
+    /// Stream until shut down or a fatal error.
+    pub async fn run(mut self) -> Result<(), RelayError> {
+        let min = self.cfg.relay.reconnect_backoff_min;
+        let max = self.cfg.relay.reconnect_backoff_max;
+        let mut backoff = min;
+        loop {
+            let began = Instant::now();
+            let result = self.session().await;
+            let err = match result {
+                Ok(SessionEnd::Shutdown) => {
+                    if let Some(sink) = self.sink.take() {
+                        sink.close(Duration::from_secs(1)).await;
+                    }
+                    return Ok(());
+                }
+                Err(e) => e,
+            };
+            if err.disposition() == Disposition::Fatal {
+                if let Some(sink) = self.sink.take() {
+                    sink.close(Duration::from_secs(1)).await;
+                }
+                return Err(err);
+            }
+            if err.rebuild_producer() {
+                if let Some(sink) = self.sink.take() {
+                    tracing::warn!("rebuilding the kafka producer");
+                    sink.close(Duration::from_millis(100)).await;
+                }
+            }
+            if began.elapsed() >= HEALTHY_SESSION {
+                backoff = min;
+            }
+            // Full jitter between min and the current ceiling.
+            let delay = rand::thread_rng().gen_range(min..=backoff.max(min));
+            tracing::warn!(error = %err, retry_in = ?delay, "replication session failed; resuming from the slot");
+            backoff = (backoff * 2).min(max);
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    async fn session(&mut self) -> Result<SessionEnd, RelayError> {
+        self.generation += 1;
+        let generation = self.generation;
+        let cfg = self.cfg.clone();
+        let pg = &cfg.postgres;
+
+        // Ordinary SQL: checks, publication, slot state.
+        let sql_config = pg.sql_config().map_err(|e| RelayError::Config(e.to_string()))?;
+        let (client, connection) = sql_config.connect(tokio_postgres::NoTls).await?;
+        let conn_task = tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "sql connection ended");
+            }
+        });
+        let _conn_guard = AbortOnDrop(conn_task);
+        if !self.started {
+            let problems = setup::preflight(&cfg, &client).await?;
+            if !problems.is_empty() {
+                return Err(RelayError::Preflight(problems));
+            }
+        }
+        setup::ensure_publication(&cfg, &client).await?;
+        let slot = setup::slot_state(&cfg, &client).await?;
+
+        // The replication connection.
+        let connect = pg
+            .replication_connect_config()
+            .map_err(|e| RelayError::Config(e.to_string()))?;
+        let mut repl = ReplicationClient::connect(&connect).await?;
+        let version = repl.server_version_num();
+        let confirmed = match slot {
+            Some(s) => {
+                if s.invalidated {
+                    return Err(RelayError::SlotInvalidated {
+                        slot: pg.slot.clone(),
+                        reason: s.wal_status.clone().unwrap_or_else(|| "lost".into()),
+                    });
+                }
+                if s.plugin != "pgoutput" {
+                    return Err(RelayError::SlotPlugin {
+                        slot: pg.slot.clone(),
+                        plugin: s.plugin.clone(),
+                    });
+                }
+                s.confirmed_flush_lsn.unwrap_or(Lsn::ZERO)
+            }
+            None if pg.create_slot => {
+                let created = repl.create_logical_slot(&pg.slot).await?;
+                tracing::info!(slot = %pg.slot, consistent_point = %created.consistent_point, "created replication slot");
+                created.consistent_point
+            }
+            None => {
+                return Err(RelayError::SlotMissing {
+                    slot: pg.slot.clone(),
+                })
+            }
+        };
+        let options = pgoutput_options(version, &pg.publication);
+        let mut stream = repl
+            .start_logical_replication(&pg.slot, Lsn::ZERO, &options)
+            .await?;
+        tracing::info!(slot = %pg.slot, from = %confirmed, server_version = version, "streaming");
+
+        if self.sink.is_none() {
+            self.sink = Some(KafkaSink::new(&self.sink_settings())?);
+        }
+        let sink = self.sink.as_mut().expect("sink was just ensured");
+        self.started = true;
+
+        let mut session = Session {
+            cfg: &cfg,
+            generation,
+            tracker: AckTracker::new(confirmed),
+            mapper: OutboxMapper::new(cfg.mapping.clone(), pg.table.clone()),
+            decoder: Decoder::new(),
+            window: Window::default(),
+            txn: None,
+            queued: None,
+            known_topics: HashSet::new(),
+            warned_tables: HashSet::new(),
+            last_status: Instant::now(),
+        };
+        session.run(&mut stream, sink, &self.shutdown).await?;
+        if let Err(e) = stream.finish(FINISH_TIMEOUT).await {
+            tracing::debug!(error = %e, "replication stream did not finish cleanly");
+        }
+        Ok(SessionEnd::Shutdown)
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// State of one streaming session.
+struct Session<'a> {
+    cfg: &'a Config,
+    generation: u64,
+    tracker: AckTracker,
+    mapper: OutboxMapper,
+    decoder: Decoder,
+    window: Window,
+    txn: Option<TxnInfo>,
+    /// A record librdkafka's queue refused, retried before reading more.
+    queued: Option<(OutboxRecord, DeliveryToken)>,
+    known_topics: HashSet<Arc<str>>,
+    warned_tables: HashSet<String>,
+    last_status: Instant,
+}
+
+impl Session<'_> {
+    async fn run(
+        &mut self,
+        stream: &mut ReplicationStream,
+        sink: &mut KafkaSink,
+        shutdown: &CancellationToken,
+    ) -> Result<(), RelayError> {
+        let relay_cfg = &self.cfg.relay;
+        let mut status = tokio::time::interval(self.cfg.postgres.status_interval);
+        status.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut draining: Option<tokio::time::Instant> = None;
+
+        loop {
+            if let Some(deadline) = draining {
+                if self.tracker.pending_records() == 0 {
+                    break;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    tracing::warn!(
+                        pending = self.tracker.pending_records(),
+                        "shutdown deadline reached with records unacknowledged; they will be sent again on the next start"
+                    );
+                    break;
+                }
+            }
+            let room = self.window.records < relay_cfg.max_in_flight_records
+                && self.window.bytes < relay_cfg.max_in_flight_bytes;
+            let intake = draining.is_none() && self.queued.is_none() && room;
+            let drain_deadline = draining.unwrap_or_else(tokio::time::Instant::now);
+
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled(), if draining.is_none() => {
+                    tracing::info!(pending = self.tracker.pending_records(), "shutting down: draining in-flight records");
+                    self.queued = None;
+                    draining = Some(tokio::time::Instant::now() + relay_cfg.shutdown_timeout);
+                }
+                event = sink.next_event() => {
+                    let event = event.expect("the sink's sender lives as long as the sink");
+                    self.on_sink_event(event)?;
+                }
+                _ = status.tick() => {
+                    self.send_status(stream, true).await?;
+                }
+                _ = tokio::time::sleep(QUEUE_FULL_RETRY), if self.queued.is_some() && draining.is_none() => {
+                    let (record, token) = self.queued.take().expect("guarded by the branch condition");
+                    self.send_record(sink, record, token)?;
+                }
+                _ = tokio::time::sleep_until(drain_deadline), if draining.is_some() => {}
+                msg = stream.next_message(), if intake => {
+                    match msg? {
+                        Some(msg) => self.on_replication_message(msg, stream, sink).await?,
+                        None => return Err(RelayError::StreamEnded),
+                    }
+                }
+            }
+        }
+        // Final status update: everything acknowledged so far is confirmed.
+        self.send_status(stream, false).await?;
+        tracing::info!(flushed = %self.tracker.flushed(), "final status update sent");
+        Ok(())
+    }
+
+    fn on_sink_event(&mut self, event: SinkEvent) -> Result<(), RelayError> {
+        match event {
+            SinkEvent::Delivered(token) => {
+                if token.generation != self.generation {
+                    return Ok(()); // a report from before the last reconnect
+                }
+                self.window.records -= 1;
+                self.window.bytes -= token.bytes;
+                self.tracker.ack(token.txn)?;
+            }
+            SinkEvent::Failed(token, error) => {
+                if token.generation != self.generation {
+                    return Ok(());
+                }
+                return Err(RelayError::Delivery {
+                    topic: String::from("(see producer log)"),
+                    error: error.to_string(),
+                });
+            }
+            SinkEvent::Fatal(reason) => return Err(RelayError::ProducerFatal(reason)),
+        }
+        Ok(())
+    }
+
+    async fn send_status(
+        &mut self,
+        stream: &mut ReplicationStream,
+        reply_requested: bool,
+    ) -> Result<(), RelayError> {
+        let flushed = self.tracker.flushed();
+        stream
+            .send_status_update(self.tracker.received(), flushed, flushed, reply_requested)
+            .await?;
+        self.last_status = Instant::now();
+        Ok(())
+    }
+
+    async fn on_replication_message(
+        &mut self,
+        msg: ReplicationMessage,
+        stream: &mut ReplicationStream,
+        sink: &mut KafkaSink,
+    ) -> Result<(), RelayError> {
+        match msg {
+            ReplicationMessage::Keepalive {
+                wal_end,
+                reply_requested,
+                ..
+            } => {
+                self.tracker.keepalive(wal_end);
+                if reply_requested {
+                    self.send_status(stream, false).await?;
+                }
+            }
+            ReplicationMessage::XLogData { wal_end, data, .. } => {
+                self.tracker.note_received(wal_end);
+                match self.decoder.decode(data)? {
+                    Message::Begin(b) => {
+                        self.tracker.begin()?;
+                        self.txn = Some(TxnInfo {
+                            xid: b.xid,
+                            commit_lsn: b.final_lsn,
+                            commit_time: b.commit_time,
+                        });
+                    }
+                    Message::Commit(c) => {
+                        self.tracker.commit(c.end_lsn)?;
+                        self.txn = None;
+                    }
+                    Message::Relation(r) => self.mapper.on_relation(&r)?,
+                    Message::Insert(ins) => {
+                        let txn = self.txn.ok_or(AckError::NoOpenTransaction("Insert"))?;
+                        match self.mapper.map_insert(&ins, &txn)? {
+                            Mapped::Record(record) => {
+                                if !self.known_topics.contains(&record.topic) {
+                                    sink.prepare_topic(&record.topic).await?;
+                                    self.known_topics.insert(record.topic.clone());
+                                }
+                                let txn_token = self.tracker.record_sent()?;
+                                let token = DeliveryToken {
+                                    generation: self.generation,
+                                    txn: txn_token,
+                                    bytes: record.size(),
+                                    commit_time: txn.commit_time,
+                                };
+                                self.window.records += 1;
+                                self.window.bytes += token.bytes;
+                                self.send_record(sink, record, token)?;
+                            }
+                            Mapped::OtherTable { table } => self.warn_once(table, "insert"),
+                        }
+                    }
+                    Message::Update(_) => self.warn_once("(update)".into(), "update"),
+                    Message::Delete(_) => self.warn_once("(delete)".into(), "delete"),
+                    Message::Truncate(_) => self.warn_once("(truncate)".into(), "truncate"),
+                    Message::Origin(_) | Message::Type(_) | Message::Message(_) => {}
+                    Message::StreamStart(_)
+                    | Message::StreamStop
+                    | Message::StreamCommit(_)
+                    | Message::StreamAbort(_) => return Err(RelayError::Unexpected("stream")),
+                    Message::BeginPrepare(_)
+                    | Message::Prepare(_)
+                    | Message::CommitPrepared(_)
+                    | Message::RollbackPrepared(_)
+                    | Message::StreamPrepare(_) => return Err(RelayError::Unexpected("prepare")),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Hand a record to the producer; a full librdkafka queue parks it.
+    fn send_record(
+        &mut self,
+        sink: &KafkaSink,
+        record: OutboxRecord,
+        token: DeliveryToken,
+    ) -> Result<(), RelayError> {
+        match sink.send(&record, token) {
+            Ok(()) => Ok(()),
+            Err(KafkaSinkError::QueueFull) => {
+                self.queued = Some((record, token));
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn warn_once(&mut self, what: String, kind: &str) {
+        if self.warned_tables.insert(what.clone()) {
+            tracing::warn!(
+                what = %what,
+                kind,
+                "the publication sends changes the relay does not forward; limit it to inserts on the outbox table: ALTER PUBLICATION ... SET TABLE <outbox table> WITH (publish = 'insert')"
+            );
+        }
+    }
+}
