@@ -1,0 +1,199 @@
+//! `outbox-relay demo`: the whole pipeline in one process, in seconds.
+//!
+//! A real PostgreSQL (given by URL; `scripts/demo.sh` starts a throwaway one)
+//! and, as the broker, **librdkafka's built-in mock cluster**: an in-process,
+//! in-memory Kafka-protocol broker, clearly a demo stand-in so a fresh
+//! machine need not build or install a broker. The relay runs exactly as in
+//! `run`; a writer inserts sample outbox events; a consumer reads them back
+//! from the mock broker and prints each with its commit → Kafka latency.
+
+use std::time::{Duration, SystemTime};
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::mocking::MockCluster;
+use rdkafka::ClientConfig;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::outbox::HEADER_COMMIT_TIME;
+use crate::relay::{Relay, RelayError};
+
+/// Sample aggregates the writer cycles through.
+const AGGREGATES: &[(&str, &str)] = &[
+    ("Order", "OrderCreated"),
+    ("Customer", "CustomerRegistered"),
+    ("Payment", "PaymentCaptured"),
+];
+
+/// Options of the demo command.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Events per second the writer inserts.
+    pub rate: u32,
+    /// Stop after this many events arrived (None: until Ctrl-C).
+    pub count: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("cannot start the demo broker (librdkafka mock cluster): {0}")]
+    Broker(rdkafka::error::KafkaError),
+    #[error("demo consumer: {0}")]
+    Consumer(rdkafka::error::KafkaError),
+    #[error("demo writer: {0}; does the database have the outbox table? (psql -f sql/01_outbox_table.sql)")]
+    Writer(tokio_postgres::Error),
+    #[error(transparent)]
+    Relay(#[from] RelayError),
+}
+
+/// Run the demo until Ctrl-C (`shutdown`) or `count` events arrived.
+pub async fn run(
+    mut cfg: Config,
+    opts: DemoOptions,
+    shutdown: CancellationToken,
+) -> Result<(), DemoError> {
+    let cluster = MockCluster::new(1).map_err(DemoError::Broker)?;
+    let bootstrap = cluster.bootstrap_servers();
+    println!("demo broker: librdkafka mock cluster at {bootstrap} (in-process, in-memory; use a real Kafka with `outbox-relay run`)");
+    cfg.kafka.brokers = bootstrap.clone();
+
+    let relay_stop = CancellationToken::new();
+    let relay = tokio::spawn(Relay::new(cfg.clone(), relay_stop.clone()).run());
+
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", "outbox-relay-demo")
+        .set("auto.offset.reset", "earliest")
+        .set("topic.metadata.refresh.interval.ms", "500")
+        .create()
+        .map_err(DemoError::Consumer)?;
+    let topics: Vec<String> = AGGREGATES
+        .iter()
+        .map(|(agg, _)| {
+            cfg.mapping
+                .topic
+                .clone()
+                .unwrap_or_else(|| cfg.mapping.topic_template.replace("${routedByValue}", agg))
+        })
+        .collect();
+
+    let writer_stop = CancellationToken::new();
+    let writer = tokio::spawn(write_events(cfg.clone(), opts.rate, writer_stop.clone()));
+
+    let mut latencies_us: Vec<u64> = Vec::new();
+    let mut subscribed = false;
+    let started = std::time::Instant::now();
+    let result = loop {
+        if !subscribed {
+            // Topics appear when the relay sees their first row.
+            let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+            if consumer.subscribe(&refs).is_ok() {
+                subscribed = true;
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            r = consumer.recv() => match r {
+                Err(e) => tracing::debug!(error = %e, "demo consumer"),
+                Ok(m) => {
+                    let now = SystemTime::now();
+                    let commit = m.headers().and_then(|h| {
+                        h.iter()
+                            .find(|h| h.key == HEADER_COMMIT_TIME)
+                            .and_then(|h| h.value)
+                            .and_then(|v| std::str::from_utf8(v).ok())
+                            .and_then(|s| humantime::parse_rfc3339(s).ok())
+                    });
+                    let latency = commit.and_then(|c| now.duration_since(c).ok()).unwrap_or_default();
+                    latencies_us.push(latency.as_micros() as u64);
+                    let id = m
+                        .headers()
+                        .and_then(|h| h.iter().find(|h| h.key == "id").and_then(|h| h.value))
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                        .unwrap_or_default();
+                    println!(
+                        "{:>6} {:<24} key={:<14} id={} latency={:.2} ms payload={}",
+                        latencies_us.len(),
+                        m.topic(),
+                        String::from_utf8_lossy(m.key().unwrap_or_default()),
+                        id,
+                        latency.as_secs_f64() * 1000.0,
+                        String::from_utf8_lossy(m.payload().unwrap_or_default()),
+                    );
+                    if opts.count.is_some_and(|c| latencies_us.len() as u64 >= c) {
+                        break Ok(());
+                    }
+                }
+            },
+            _ = tokio::time::sleep(Duration::from_millis(200)), if !subscribed => {}
+        }
+        if relay.is_finished() {
+            break Err(());
+        }
+    };
+
+    writer_stop.cancel();
+    let _ = writer.await;
+    relay_stop.cancel();
+    let relay_result = relay.await.expect("relay task does not panic");
+    drop(consumer);
+    drop(cluster);
+    print_summary(&mut latencies_us, started.elapsed());
+    match (result, relay_result) {
+        (_, Err(e)) => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+async fn write_events(cfg: Config, rate: u32, stop: CancellationToken) -> Result<(), DemoError> {
+    let sql = cfg.postgres.sql_config().expect("validated at start");
+    let (client, conn) = sql
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(DemoError::Writer)?;
+    tokio::spawn(conn);
+    let table = cfg.postgres.table.to_string();
+    let insert = client
+        .prepare(&format!(
+            "INSERT INTO {table} (aggregatetype, aggregateid, type, payload) VALUES ($1, $2, $3, $4::text::jsonb)"
+        ))
+        .await
+        .map_err(DemoError::Writer)?;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate.max(1))));
+    let mut n: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        n += 1;
+        let (agg, kind) = AGGREGATES[(n % AGGREGATES.len() as u64) as usize];
+        let key = format!("{}-{}", agg.to_lowercase(), n % 7);
+        let payload = format!(r#"{{"seq": {n}, "note": "demo event ✓"}}"#);
+        client
+            .execute(&insert, &[&agg, &key, &kind, &payload])
+            .await
+            .map_err(DemoError::Writer)?;
+    }
+}
+
+fn print_summary(latencies_us: &mut [u64], elapsed: Duration) {
+    if latencies_us.is_empty() {
+        println!("no events arrived");
+        return;
+    }
+    latencies_us.sort_unstable();
+    let pct = |p: f64| {
+        let idx = ((latencies_us.len() as f64 - 1.0) * p).round() as usize;
+        latencies_us[idx] as f64 / 1000.0
+    };
+    println!(
+        "\n{} events in {:.1} s; commit → Kafka latency: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        latencies_us.len(),
+        elapsed.as_secs_f64(),
+        pct(0.5),
+        pct(0.99),
+        pct(1.0)
+    );
+}
