@@ -97,7 +97,8 @@ async fn wal_level_can_be_overridden() {
         )
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("wal_level"), "{err}");
+    let message = err.as_db_error().map(|e| e.message()).unwrap_or_default();
+    assert!(message.contains("wal_level"), "{err:?}");
 }
 
 #[tokio::test]

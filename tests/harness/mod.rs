@@ -1146,7 +1146,11 @@ fn partition_probe(bootstrap: &str) -> BaseConsumer {
 }
 
 fn topic_partitions(consumer: &BaseConsumer, topic: &str) -> Vec<i32> {
-    match consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+    topic_partitions_within(consumer, topic, Duration::from_secs(5))
+}
+
+fn topic_partitions_within(consumer: &BaseConsumer, topic: &str, timeout: Duration) -> Vec<i32> {
+    match consumer.fetch_metadata(Some(topic), timeout.max(Duration::from_millis(100))) {
         Ok(md) => md
             .topics()
             .iter()
@@ -1177,7 +1181,8 @@ fn consume_blocking(
 
     // The relay creates topics lazily: wait (within the deadline) for the topic.
     let partitions = loop {
-        let p = topic_partitions(&consumer, topic);
+        let left = deadline.saturating_duration_since(Instant::now());
+        let p = topic_partitions_within(&consumer, topic, left.min(Duration::from_secs(5)));
         if !p.is_empty() {
             break p;
         }
