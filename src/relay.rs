@@ -129,7 +129,9 @@ impl RelayError {
                         sqlstate_disposition(&s.code)
                     }
                 }
-                ReplicationError::Auth(_) | ReplicationError::FrameTooLarge { .. } => Fatal,
+                ReplicationError::Auth(_)
+                | ReplicationError::FrameTooLarge { .. }
+                | ReplicationError::InvalidSlotName(_) => Fatal,
                 _ => Retry,
             },
             RelayError::Kafka(e) => {

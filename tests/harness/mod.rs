@@ -1225,13 +1225,12 @@ fn consume_blocking(
                     .unwrap_or_default(),
                 timestamp: m.timestamp().to_millis(),
             }),
-            Some(Err(e)) => {
-                // Transient fetch errors (e.g. a paused or restarting broker) are
-                // retried by librdkafka; report and keep polling until the deadline.
-                if e.rdkafka_error_code() != Some(RDKafkaErrorCode::PartitionEOF) {
-                    eprintln!("[harness] consume {topic}: {e}");
-                }
+            // Transient fetch errors (e.g. a paused or restarting broker) are retried
+            // by librdkafka; report them and keep polling until the deadline.
+            Some(Err(e)) if e.rdkafka_error_code() != Some(RDKafkaErrorCode::PartitionEOF) => {
+                eprintln!("[harness] consume {topic}: {e}");
             }
+            Some(Err(_)) => {}
         }
     }
 }
