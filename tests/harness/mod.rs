@@ -895,19 +895,24 @@ impl Broker {
         self.paused = false;
 
         let deadline = Instant::now() + START_TIMEOUT;
-        // First the port, then a real metadata round trip.
+        // tansu prints "ready in Nms" once its listener is bound (and, on a taken port,
+        // logs AddrInUse, panics a worker and exits 0). Wait for that line of THIS run,
+        // then for the port, then for a real metadata round trip: the port alone could
+        // be another test's server that grabbed it.
         loop {
             let child = self.child.as_mut().expect("just spawned");
             if let Ok(Some(status)) = child.try_wait() {
                 self.child = None;
                 let log = read_lossy(&log_path);
                 let this_run = log.get(log_start as usize..).unwrap_or(&log);
-                if this_run.contains("in use") || this_run.contains("AddrInUse") {
+                if this_run.contains("AddrInUse") || this_run.contains("in use") {
                     return Err(StartError::PortTaken);
                 }
                 return Err(StartError::Exited(status));
             }
-            if port_accepts(self.port) {
+            let log = read_lossy(&log_path);
+            let this_run = log.get(log_start as usize..).unwrap_or(&log);
+            if this_run.contains("ready in") && port_accepts(self.port) {
                 break;
             }
             if Instant::now() >= deadline {
@@ -917,11 +922,22 @@ impl Broker {
         }
         let consumer = self.base_consumer();
         loop {
-            match consumer.fetch_metadata(None, Duration::from_secs(2)) {
-                Ok(md) if !md.brokers().is_empty() => return Ok(()),
-                Ok(_) | Err(_) if Instant::now() < deadline => std::thread::sleep(POLL_INTERVAL),
-                _ => return Err(StartError::Timeout),
+            let ok = matches!(
+                consumer.fetch_metadata(None, Duration::from_secs(2)),
+                Ok(md) if !md.brokers().is_empty()
+            );
+            let child = self.child.as_mut().expect("just spawned");
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Err(StartError::Exited(status));
             }
+            if ok {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(StartError::Timeout);
+            }
+            std::thread::sleep(POLL_INTERVAL);
         }
     }
 
