@@ -1,33 +1,445 @@
-//! TEMPORARY placeholder (lead): replaced by the full configuration module.
-#[derive(Debug, Clone)]
+//! Configuration: what the relay connects to, how rows become records, and its limits.
+//!
+//! Four layers, lowest to highest: the documented defaults below (`DEFAULT_*`), the
+//! TOML file (`--config FILE`), `OUTBOX_RELAY_*` environment variables, and flags.
+//! clap resolves environment and flags into one [`Layer`] (a flag beats its
+//! variable); [`crate::cli::load`] lays that over the file's [`Layer`] and
+//! [`Config::from_layer`] fills the gaps with defaults and validates the result.
+//!
+//! Rules that hold across layers:
+//! - Unknown TOML keys and unknown `OUTBOX_RELAY_*` variables are errors, never ignored.
+//! - Validation reports every problem at once, each with its fix.
+//! - A higher layer replaces a whole value; `kafka.properties` merge key by key.
+//! - An empty `type_column` or `topic` means "none".
+//! - `application_name` and `connect_timeout` given inside `postgres.url` count as set
+//!   just above the defaults: any layer that sets them wins over the URL.
+//! - Passwords are never printed: `Debug` redacts the URL, the password and secret
+//!   Kafka properties.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+mod conninfo;
+mod ident;
+mod layer;
+mod units;
+mod validate;
+
+pub use layer::{KafkaLayer, Layer, LogLayer, MappingLayer, PostgresLayer, RelayLayer};
+
+pub use conninfo::redact as redact_connection_string;
+pub use ident::{quote_ident, quote_literal, ParseTableNameError, TableName, MAX_IDENTIFIER_BYTES};
+pub use units::{format_byte_size, format_duration, parse_byte_size, parse_duration};
+
+// ---------------------------------------------------------------------------
+// Defaults
+// ---------------------------------------------------------------------------
+
+/// Prefix of every environment variable the relay reads.
+pub const ENV_PREFIX: &str = "OUTBOX_RELAY_";
+/// The PostgreSQL password, kept out of the URL and of `ps` (environment only; no flag).
+pub const ENV_POSTGRES_PASSWORD: &str = "OUTBOX_RELAY_POSTGRES_PASSWORD";
+
+pub const DEFAULT_SLOT: &str = "outbox_relay";
+pub const DEFAULT_PUBLICATION: &str = "outbox_relay";
+pub const DEFAULT_TABLE_SCHEMA: &str = "public";
+pub const DEFAULT_TABLE_NAME: &str = "outbox_events";
+/// Create the replication slot when it is missing.
+pub const DEFAULT_CREATE_SLOT: bool = true;
+/// Create the publication (`FOR TABLE <table> WITH (publish = 'insert')`) when missing.
+pub const DEFAULT_CREATE_PUBLICATION: bool = true;
+/// Shown in `pg_stat_activity` / `pg_stat_replication`; tells our walsender apart.
+pub const DEFAULT_APPLICATION_NAME: &str = "outbox-relay";
+/// Standby status update period; well under the server's `wal_sender_timeout` (60 s).
+pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest replication message accepted (one row must fit).
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 << 20;
+
+/// Create a missing topic through the admin API before its first record.
+pub const DEFAULT_CREATE_TOPICS: bool = true;
+pub const DEFAULT_TOPIC_PARTITIONS: i32 = 1;
+/// `-1`: the broker's `default.replication.factor`.
+pub const DEFAULT_TOPIC_REPLICATION_FACTOR: i32 = -1;
+
+/// Debezium EventRouter column names.
+pub const DEFAULT_ID_COLUMN: &str = "id";
+pub const DEFAULT_KEY_COLUMN: &str = "aggregateid";
+pub const DEFAULT_ROUTE_COLUMN: &str = "aggregatetype";
+pub const DEFAULT_PAYLOAD_COLUMN: &str = "payload";
+pub const DEFAULT_TYPE_COLUMN: &str = "type";
+/// The one placeholder of a topic template: the route column's value.
+pub const TOPIC_TEMPLATE_PLACEHOLDER: &str = "${routedByValue}";
+pub const DEFAULT_TOPIC_TEMPLATE: &str = "outbox.event.${routedByValue}";
+/// Add commit LSN, transaction id and commit time headers.
+pub const DEFAULT_PROVENANCE_HEADERS: bool = true;
+
+pub const DEFAULT_MAX_IN_FLIGHT_RECORDS: usize = 100_000;
+pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 64 << 20;
+/// How long SIGTERM waits for in-flight records before giving up (they replay).
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(500);
+pub const DEFAULT_RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+pub const DEFAULT_LOG_FORMAT: LogFormat = LogFormat::Text;
+/// A `tracing_subscriber::EnvFilter` directive.
+pub const DEFAULT_LOG_FILTER: &str = "info";
+
+// ---------------------------------------------------------------------------
+// The resolved configuration
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Config {
+    pub postgres: PostgresConfig,
+    pub kafka: KafkaConfig,
+    pub mapping: MappingConfig,
+    pub relay: RelayConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, PartialEq)]
+pub struct PostgresConfig {
+    /// libpq URL (`postgres://...`) or `key=value` conninfo; may hold a password.
+    pub url: String,
+    /// Given apart from the URL (environment or file); overrides the URL's password.
+    pub password: Option<String>,
+    pub slot: String,
+    pub publication: String,
+    pub table: TableName,
+    pub create_slot: bool,
+    pub create_publication: bool,
+    pub application_name: String,
+    pub status_interval: Duration,
+    pub connect_timeout: Duration,
+    pub max_frame_bytes: usize,
+}
+
+#[derive(Clone, PartialEq)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`: `host:port[,host:port...]`.
+    pub brokers: String,
+    /// librdkafka properties passed through as they are.
+    pub properties: BTreeMap<String, String>,
+    pub create_topics: bool,
+    pub topic_partitions: i32,
+    pub topic_replication_factor: i32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub struct MappingConfig {
+    /// Header `id`: consumers deduplicate by it.
     pub id_column: String,
+    /// The record key.
     pub key_column: String,
+    /// Its value replaces `${routedByValue}` in the topic template.
     pub route_column: String,
+    /// The record value, as PostgreSQL renders it.
     pub payload_column: String,
+    /// Header `type`; `None` for tables without one.
     pub type_column: Option<String>,
     pub topic_template: String,
+    /// One fixed topic for every record; overrides the template.
     pub topic: Option<String>,
+    /// More columns sent as headers named like the column.
     pub header_columns: Vec<String>,
     pub provenance_headers: bool,
 }
-impl Default for MappingConfig {
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RelayConfig {
+    pub max_in_flight_records: usize,
+    pub max_in_flight_bytes: usize,
+    pub shutdown_timeout: Duration,
+    pub reconnect_backoff_min: Duration,
+    pub reconnect_backoff_max: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// `tracing_subscriber::EnvFilter` directives, e.g. `info,outbox_relay=debug`.
+    pub filter: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    // Human-readable lines.
+    Text,
+    // One JSON object per line.
+    Json,
+}
+
+impl Default for PostgresConfig {
     fn default() -> Self {
-        MappingConfig {
-            id_column: "id".into(),
-            key_column: "aggregateid".into(),
-            route_column: "aggregatetype".into(),
-            payload_column: "payload".into(),
-            type_column: Some("type".into()),
-            topic_template: "outbox.event.${routedByValue}".into(),
-            topic: None,
-            header_columns: vec![],
-            provenance_headers: true,
+        PostgresConfig {
+            url: String::new(),
+            password: None,
+            slot: DEFAULT_SLOT.into(),
+            publication: DEFAULT_PUBLICATION.into(),
+            table: TableName::default(),
+            create_slot: DEFAULT_CREATE_SLOT,
+            create_publication: DEFAULT_CREATE_PUBLICATION,
+            application_name: DEFAULT_APPLICATION_NAME.into(),
+            status_interval: DEFAULT_STATUS_INTERVAL,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
         }
     }
 }
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TableName {
-    pub schema: String,
-    pub name: String,
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: String::new(),
+            properties: BTreeMap::new(),
+            create_topics: DEFAULT_CREATE_TOPICS,
+            topic_partitions: DEFAULT_TOPIC_PARTITIONS,
+            topic_replication_factor: DEFAULT_TOPIC_REPLICATION_FACTOR,
+        }
+    }
 }
+
+impl Default for MappingConfig {
+    fn default() -> Self {
+        MappingConfig {
+            id_column: DEFAULT_ID_COLUMN.into(),
+            key_column: DEFAULT_KEY_COLUMN.into(),
+            route_column: DEFAULT_ROUTE_COLUMN.into(),
+            payload_column: DEFAULT_PAYLOAD_COLUMN.into(),
+            type_column: Some(DEFAULT_TYPE_COLUMN.into()),
+            topic_template: DEFAULT_TOPIC_TEMPLATE.into(),
+            topic: None,
+            header_columns: Vec::new(),
+            provenance_headers: DEFAULT_PROVENANCE_HEADERS,
+        }
+    }
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            max_in_flight_records: DEFAULT_MAX_IN_FLIGHT_RECORDS,
+            max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            reconnect_backoff_min: DEFAULT_RECONNECT_BACKOFF_MIN,
+            reconnect_backoff_max: DEFAULT_RECONNECT_BACKOFF_MAX,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: DEFAULT_LOG_FORMAT,
+            filter: DEFAULT_LOG_FILTER.into(),
+        }
+    }
+}
+
+impl MappingConfig {
+    /// The columns a row must have, in the order they are checked: id, key, route
+    /// (unless a fixed topic is set), payload, type (if any), header columns.
+    pub fn required_columns(&self) -> Vec<&str> {
+        let mut cols = vec![self.id_column.as_str(), self.key_column.as_str()];
+        if self.topic.is_none() {
+            cols.push(&self.route_column);
+        }
+        cols.push(&self.payload_column);
+        cols.extend(self.type_column.as_deref());
+        cols.extend(self.header_columns.iter().map(String::as_str));
+        let mut seen = std::collections::HashSet::new();
+        cols.retain(|c| seen.insert(*c));
+        cols
+    }
+}
+
+impl PostgresConfig {
+    /// Where and how the replication connection goes: the URL's (first and only) TCP
+    /// host, its user and database, the password override, and our settings.
+    pub fn replication_connect_config(
+        &self,
+    ) -> Result<crate::replication::ConnectConfig, ConfigError> {
+        let pg = conninfo::parse(&self.url, self.password.as_deref())
+            .map_err(|p| ConfigError::Invalid(vec![p]))?;
+        let ep = conninfo::endpoint(&pg).map_err(ConfigError::Invalid)?;
+        Ok(crate::replication::ConnectConfig {
+            host: ep.host,
+            port: ep.port,
+            user: ep.user,
+            password: ep.password,
+            dbname: ep.dbname,
+            application_name: self.application_name.clone(),
+            connect_timeout: self.connect_timeout,
+            max_frame_bytes: self.max_frame_bytes,
+        })
+    }
+
+    /// A `tokio_postgres` configuration for ordinary SQL (checks, status) against the
+    /// same server, with the password override, `application_name` and timeout.
+    pub fn sql_config(&self) -> Result<tokio_postgres::Config, ConfigError> {
+        let mut pg = conninfo::parse(&self.url, self.password.as_deref())
+            .map_err(|p| ConfigError::Invalid(vec![p]))?;
+        pg.application_name(&self.application_name);
+        pg.connect_timeout(self.connect_timeout);
+        Ok(pg)
+    }
+
+    /// The URL with passwords replaced by `<redacted>`, for logs and messages.
+    pub fn redacted_url(&self) -> String {
+        conninfo::redact(&self.url)
+    }
+}
+
+impl fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &self.redacted_url())
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .field("table", &self.table)
+            .field("create_slot", &self.create_slot)
+            .field("create_publication", &self.create_publication)
+            .field("application_name", &self.application_name)
+            .field("status_interval", &self.status_interval)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("max_frame_bytes", &self.max_frame_bytes)
+            .finish()
+    }
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("properties", &redacted_map(&self.properties))
+            .field("create_topics", &self.create_topics)
+            .field("topic_partitions", &self.topic_partitions)
+            .field("topic_replication_factor", &self.topic_replication_factor)
+            .finish()
+    }
+}
+
+/// Parts of librdkafka property names whose values are secrets (`sasl.password`,
+/// `ssl.key.pem`, `sasl.jaas.config`, `sasl.oauthbearer.client.secret`, ...).
+const SECRET_PROPERTY_MARKERS: &[&str] = &[
+    "password",
+    "secret",
+    "jaas",
+    ".pem",
+    "oauthbearer.config",
+    "token",
+];
+
+/// Whether a librdkafka property holds a secret.
+pub fn is_secret_kafka_property(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    SECRET_PROPERTY_MARKERS.iter().any(|m| key.contains(m))
+}
+
+/// Kafka properties with secret values replaced by `<redacted>`, for `Debug` and logs.
+pub fn redacted_properties<'a>(
+    props: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> BTreeMap<&'a str, &'a str> {
+    props
+        .into_iter()
+        .map(|(k, v)| {
+            let shown = if is_secret_kafka_property(k) {
+                "<redacted>"
+            } else {
+                v
+            };
+            (k, shown)
+        })
+        .collect()
+}
+
+fn redacted_map(props: &BTreeMap<String, String>) -> BTreeMap<&str, &str> {
+    redacted_properties(props.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+}
+
+// ---------------------------------------------------------------------------
+// Problems and errors
+// ---------------------------------------------------------------------------
+
+/// How much a [`Problem`] matters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Severity {
+    /// The relay cannot run (or would break its guarantees) until it is fixed.
+    Error,
+    /// Worth knowing; `run` proceeds (e.g. the slot is held by another process right
+    /// now, or the publication will be created).
+    Info,
+}
+
+/// One thing wrong, and how to fix it. Shared by config validation and preflight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub what: String,
+    pub fix: String,
+    pub severity: Severity,
+}
+
+impl Problem {
+    pub fn new(what: impl Into<String>, fix: impl Into<String>) -> Self {
+        Problem {
+            what: what.into(),
+            fix: fix.into(),
+            severity: Severity::Error,
+        }
+    }
+
+    pub fn info(what: impl Into<String>, fix: impl Into<String>) -> Self {
+        Problem {
+            what: what.into(),
+            fix: fix.into(),
+            severity: Severity::Info,
+        }
+    }
+
+    pub fn is_error(&self) -> bool {
+        self.severity == Severity::Error
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} — fix: {}", self.what, self.fix)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Every problem found (file, environment, values), each with its fix.
+    #[error("{}", render_invalid(.0))]
+    Invalid(Vec<Problem>),
+}
+
+impl ConfigError {
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            ConfigError::Invalid(p) => p,
+        }
+    }
+}
+
+fn render_invalid(problems: &[Problem]) -> String {
+    match problems {
+        [one] => format!("invalid configuration: {one}"),
+        many => {
+            let mut s = format!("invalid configuration ({} problems):", many.len());
+            for p in many {
+                s.push_str(&format!("\n  - {p}"));
+            }
+            s
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -53,15 +53,18 @@
 //! | [`demo`] | the one-command demo on librdkafka's mock cluster | both |
 
 pub mod ack;
-// pub mod cli; (landing)
+pub mod cli;
 pub mod config;
-// pub mod demo; (landing)
+pub mod demo;
+pub mod http;
 pub mod kafka;
 pub mod lsn;
+pub mod metrics;
 pub mod outbox;
 pub mod pgoutput;
-// pub mod relay; (landing)
+pub mod relay;
 pub mod replication;
-// pub mod setup; (landing)
+pub mod setup;
+pub mod status;
 
 pub use lsn::Lsn;

@@ -42,6 +42,9 @@ use crate::setup::{self, Problem};
 const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
 /// A session that streamed this long resets the reconnect backoff.
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
+/// Silence after which the server is presumed gone (we ask it for a keepalive
+/// every status interval, so a live server is never this quiet).
+const SERVER_SILENCE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause before retrying a record librdkafka's queue refused.
 const QUEUE_FULL_RETRY: Duration = Duration::from_millis(5);
 
@@ -88,6 +91,8 @@ pub enum RelayError {
     Unexpected(&'static str),
     #[error("PostgreSQL ended the replication stream")]
     StreamEnded,
+    #[error("PostgreSQL sent nothing for {0:?} although asked for keepalives; the connection is presumed dead")]
+    ServerSilent(Duration),
 }
 
 fn render(problems: &[Problem]) -> String {
@@ -145,7 +150,8 @@ impl RelayError {
             | RelayError::Framing(_)
             | RelayError::Delivery { .. }
             | RelayError::ProducerFatal(_)
-            | RelayError::StreamEnded => Retry,
+            | RelayError::StreamEnded
+            | RelayError::ServerSilent(_) => Retry,
         }
     }
 
@@ -399,6 +405,7 @@ impl Session<'_> {
         let mut status = tokio::time::interval(self.cfg.postgres.status_interval);
         status.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut draining: Option<tokio::time::Instant> = None;
+        let mut last_heard = Instant::now();
 
         loop {
             if let Some(deadline) = draining {
@@ -416,6 +423,10 @@ impl Session<'_> {
             let room = self.window.records < relay_cfg.max_in_flight_records
                 && self.window.bytes < relay_cfg.max_in_flight_bytes;
             let intake = draining.is_none() && self.queued.is_none() && room;
+            if !intake {
+                // Not reading: the server's silence is ours, not its.
+                last_heard = Instant::now();
+            }
             let drain_deadline = draining.unwrap_or_else(tokio::time::Instant::now);
 
             tokio::select! {
@@ -430,6 +441,9 @@ impl Session<'_> {
                     self.on_sink_event(event)?;
                 }
                 _ = status.tick() => {
+                    if last_heard.elapsed() > SERVER_SILENCE_TIMEOUT {
+                        return Err(RelayError::ServerSilent(last_heard.elapsed()));
+                    }
                     self.send_status(stream, true).await?;
                 }
                 _ = tokio::time::sleep(QUEUE_FULL_RETRY), if self.queued.is_some() && draining.is_none() => {
@@ -438,6 +452,7 @@ impl Session<'_> {
                 }
                 _ = tokio::time::sleep_until(drain_deadline), if draining.is_some() => {}
                 msg = stream.next_message(), if intake => {
+                    last_heard = Instant::now();
                     match msg? {
                         Some(msg) => self.on_replication_message(msg, stream, sink).await?,
                         None => return Err(RelayError::StreamEnded),

@@ -1,0 +1,378 @@
+//! Layers of settings: the TOML file's schema, the flags' settings, how one lays
+//! over another, and how the defaults fill the rest ([`Config::from_layer`]).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::*;
+
+/// One source of settings; `None` means "not set here". Also the TOML file's schema.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Layer {
+    #[serde(default)]
+    pub postgres: PostgresLayer,
+    #[serde(default)]
+    pub kafka: KafkaLayer,
+    #[serde(default)]
+    pub mapping: MappingLayer,
+    #[serde(default)]
+    pub relay: RelayLayer,
+    #[serde(default)]
+    pub log: LogLayer,
+}
+
+#[derive(Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresLayer {
+    pub url: Option<String>,
+    /// Never read from the file: `OUTBOX_RELAY_POSTGRES_PASSWORD` only.
+    #[serde(skip)]
+    pub password: Option<String>,
+    /// A file holding the password (a trailing newline is dropped).
+    pub password_file: Option<PathBuf>,
+    pub slot: Option<String>,
+    pub publication: Option<String>,
+    pub table: Option<TableName>,
+    pub create_slot: Option<bool>,
+    pub create_publication: Option<bool>,
+    pub application_name: Option<String>,
+    #[serde(default, deserialize_with = "units::de_opt_duration")]
+    pub status_interval: Option<Duration>,
+    #[serde(default, deserialize_with = "units::de_opt_duration")]
+    pub connect_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "units::de_opt_byte_size")]
+    pub max_frame_bytes: Option<usize>,
+}
+
+impl fmt::Debug for PostgresLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresLayer")
+            .field("url", &self.url.as_deref().map(conninfo::redact))
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("password_file", &self.password_file)
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .field("table", &self.table)
+            .field("create_slot", &self.create_slot)
+            .field("create_publication", &self.create_publication)
+            .field("application_name", &self.application_name)
+            .field("status_interval", &self.status_interval)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("max_frame_bytes", &self.max_frame_bytes)
+            .finish()
+    }
+}
+
+#[derive(Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaLayer {
+    pub brokers: Option<String>,
+    /// Merged key by key with lower layers.
+    #[serde(default, deserialize_with = "de_properties")]
+    pub properties: BTreeMap<String, String>,
+    pub create_topics: Option<bool>,
+    pub topic_partitions: Option<i32>,
+    pub topic_replication_factor: Option<i32>,
+}
+
+impl fmt::Debug for KafkaLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaLayer")
+            .field("brokers", &self.brokers)
+            .field("properties", &redacted_map(&self.properties))
+            .field("create_topics", &self.create_topics)
+            .field("topic_partitions", &self.topic_partitions)
+            .field("topic_replication_factor", &self.topic_replication_factor)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MappingLayer {
+    pub id_column: Option<String>,
+    pub key_column: Option<String>,
+    pub route_column: Option<String>,
+    pub payload_column: Option<String>,
+    /// `""` means "no type column".
+    pub type_column: Option<String>,
+    pub topic_template: Option<String>,
+    /// `""` means "no fixed topic".
+    pub topic: Option<String>,
+    /// Replaces the lower layers' list as a whole.
+    pub header_columns: Option<Vec<String>>,
+    pub provenance_headers: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayLayer {
+    pub max_in_flight_records: Option<usize>,
+    #[serde(default, deserialize_with = "units::de_opt_byte_size")]
+    pub max_in_flight_bytes: Option<usize>,
+    #[serde(default, deserialize_with = "units::de_opt_duration")]
+    pub shutdown_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "units::de_opt_duration")]
+    pub reconnect_backoff_min: Option<Duration>,
+    #[serde(default, deserialize_with = "units::de_opt_duration")]
+    pub reconnect_backoff_max: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogLayer {
+    pub format: Option<LogFormat>,
+    pub filter: Option<String>,
+}
+
+/// librdkafka takes strings; TOML numbers and booleans are accepted and written out.
+fn de_properties<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    use serde::de::Error as _;
+    let raw = BTreeMap::<String, toml::Value>::deserialize(d)?;
+    raw.into_iter()
+        .map(|(k, v)| {
+            let v = match v {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(x) => x.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => {
+                    return Err(D::Error::custom(format!(
+                        "kafka property {k:?} must be a string, number or boolean, not a {}",
+                        other.type_str()
+                    )))
+                }
+            };
+            Ok((k, v))
+        })
+        .collect()
+}
+
+impl Layer {
+    /// Reads and parses a TOML configuration file.
+    pub fn from_toml_file(path: &Path) -> Result<Layer, Problem> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Problem::new(
+                format!("cannot read config file {}: {e}", path.display()),
+                "check the --config path (or OUTBOX_RELAY_CONFIG) and its permissions",
+            )
+        })?;
+        Layer::from_toml_str(&text, &path.display().to_string())
+    }
+
+    /// Parses TOML text; `origin` names it in the message. The message gives the line
+    /// and toml's reason (which names an unknown key and lists the valid ones) but not
+    /// toml's source excerpt, which could show a password.
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<Layer, Problem> {
+        toml::from_str(text).map_err(|e: toml::de::Error| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            let at = line.map(|l| format!(", line {l}")).unwrap_or_default();
+            Problem::new(
+                format!("config file {origin}{at}: {}", e.message().trim_end()),
+                "correct or remove that key (keys are listed in the README)",
+            )
+        })
+    }
+
+    /// This layer with `top` laid over it: every value `top` sets wins; Kafka
+    /// properties merge key by key.
+    pub fn overlay(self, top: Layer) -> Layer {
+        let (p, t) = (self.postgres, top.postgres);
+        let (k, tk) = (self.kafka, top.kafka);
+        let (m, tm) = (self.mapping, top.mapping);
+        let (r, tr) = (self.relay, top.relay);
+        let mut properties = k.properties;
+        properties.extend(tk.properties);
+        Layer {
+            postgres: PostgresLayer {
+                url: t.url.or(p.url),
+                password: t.password.or(p.password),
+                password_file: t.password_file.or(p.password_file),
+                slot: t.slot.or(p.slot),
+                publication: t.publication.or(p.publication),
+                table: t.table.or(p.table),
+                create_slot: t.create_slot.or(p.create_slot),
+                create_publication: t.create_publication.or(p.create_publication),
+                application_name: t.application_name.or(p.application_name),
+                status_interval: t.status_interval.or(p.status_interval),
+                connect_timeout: t.connect_timeout.or(p.connect_timeout),
+                max_frame_bytes: t.max_frame_bytes.or(p.max_frame_bytes),
+            },
+            kafka: KafkaLayer {
+                brokers: tk.brokers.or(k.brokers),
+                properties,
+                create_topics: tk.create_topics.or(k.create_topics),
+                topic_partitions: tk.topic_partitions.or(k.topic_partitions),
+                topic_replication_factor: tk
+                    .topic_replication_factor
+                    .or(k.topic_replication_factor),
+            },
+            mapping: MappingLayer {
+                id_column: tm.id_column.or(m.id_column),
+                key_column: tm.key_column.or(m.key_column),
+                route_column: tm.route_column.or(m.route_column),
+                payload_column: tm.payload_column.or(m.payload_column),
+                type_column: tm.type_column.or(m.type_column),
+                topic_template: tm.topic_template.or(m.topic_template),
+                topic: tm.topic.or(m.topic),
+                header_columns: tm.header_columns.or(m.header_columns),
+                provenance_headers: tm.provenance_headers.or(m.provenance_headers),
+            },
+            relay: RelayLayer {
+                max_in_flight_records: tr.max_in_flight_records.or(r.max_in_flight_records),
+                max_in_flight_bytes: tr.max_in_flight_bytes.or(r.max_in_flight_bytes),
+                shutdown_timeout: tr.shutdown_timeout.or(r.shutdown_timeout),
+                reconnect_backoff_min: tr.reconnect_backoff_min.or(r.reconnect_backoff_min),
+                reconnect_backoff_max: tr.reconnect_backoff_max.or(r.reconnect_backoff_max),
+            },
+            log: LogLayer {
+                format: top.log.format.or(self.log.format),
+                filter: top.log.filter.or(self.log.filter),
+            },
+        }
+    }
+}
+
+impl Config {
+    /// Fills what `layer` leaves unset with the defaults, reads the password file,
+    /// and validates. Every problem is reported in one error.
+    pub fn from_layer(layer: Layer) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let Layer {
+            postgres: p,
+            kafka: k,
+            mapping: m,
+            relay: r,
+            log: l,
+        } = layer;
+
+        let password = match (p.password, p.password_file) {
+            (Some(_), Some(file)) => {
+                problems.push(Problem::new(
+                    format!(
+                        "both {ENV_POSTGRES_PASSWORD} and a password file ({}) are set",
+                        file.display()
+                    ),
+                    "keep one of them",
+                ));
+                None
+            }
+            (Some(pw), None) => Some(pw),
+            (None, Some(file)) => match std::fs::read_to_string(&file) {
+                Ok(text) => Some(strip_one_newline(text)),
+                Err(e) => {
+                    problems.push(Problem::new(
+                        format!("cannot read the PostgreSQL password file {}: {e}", file.display()),
+                        "fix postgres.password_file / --postgres-password-file, or the file's permissions",
+                    ));
+                    None
+                }
+            },
+            (None, None) => None,
+        };
+
+        // application_name and connect_timeout inside the URL sit just above the defaults.
+        let url = p.url.unwrap_or_default();
+        let from_url = url.parse::<tokio_postgres::Config>().ok();
+        let url_app = from_url
+            .as_ref()
+            .and_then(|c| c.get_application_name().map(str::to_string));
+        let url_timeout = from_url
+            .as_ref()
+            .and_then(|c| c.get_connect_timeout().copied());
+
+        let config = Config {
+            postgres: PostgresConfig {
+                url,
+                password,
+                slot: p.slot.unwrap_or_else(|| DEFAULT_SLOT.into()),
+                publication: p.publication.unwrap_or_else(|| DEFAULT_PUBLICATION.into()),
+                table: p.table.unwrap_or_default(),
+                create_slot: p.create_slot.unwrap_or(DEFAULT_CREATE_SLOT),
+                create_publication: p.create_publication.unwrap_or(DEFAULT_CREATE_PUBLICATION),
+                application_name: p
+                    .application_name
+                    .or(url_app)
+                    .unwrap_or_else(|| DEFAULT_APPLICATION_NAME.into()),
+                status_interval: p.status_interval.unwrap_or(DEFAULT_STATUS_INTERVAL),
+                connect_timeout: p
+                    .connect_timeout
+                    .or(url_timeout)
+                    .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+                max_frame_bytes: p.max_frame_bytes.unwrap_or(DEFAULT_MAX_FRAME_BYTES),
+            },
+            kafka: KafkaConfig {
+                brokers: k.brokers.unwrap_or_default(),
+                properties: k.properties,
+                create_topics: k.create_topics.unwrap_or(DEFAULT_CREATE_TOPICS),
+                topic_partitions: k.topic_partitions.unwrap_or(DEFAULT_TOPIC_PARTITIONS),
+                topic_replication_factor: k
+                    .topic_replication_factor
+                    .unwrap_or(DEFAULT_TOPIC_REPLICATION_FACTOR),
+            },
+            mapping: MappingConfig {
+                id_column: m.id_column.unwrap_or_else(|| DEFAULT_ID_COLUMN.into()),
+                key_column: m.key_column.unwrap_or_else(|| DEFAULT_KEY_COLUMN.into()),
+                route_column: m
+                    .route_column
+                    .unwrap_or_else(|| DEFAULT_ROUTE_COLUMN.into()),
+                payload_column: m
+                    .payload_column
+                    .unwrap_or_else(|| DEFAULT_PAYLOAD_COLUMN.into()),
+                type_column: match m.type_column {
+                    None => Some(DEFAULT_TYPE_COLUMN.into()),
+                    Some(c) if c.is_empty() => None,
+                    Some(c) => Some(c),
+                },
+                topic_template: m
+                    .topic_template
+                    .unwrap_or_else(|| DEFAULT_TOPIC_TEMPLATE.into()),
+                topic: m.topic.filter(|t| !t.is_empty()),
+                header_columns: m.header_columns.unwrap_or_default(),
+                provenance_headers: m.provenance_headers.unwrap_or(DEFAULT_PROVENANCE_HEADERS),
+            },
+            relay: RelayConfig {
+                max_in_flight_records: r
+                    .max_in_flight_records
+                    .unwrap_or(DEFAULT_MAX_IN_FLIGHT_RECORDS),
+                max_in_flight_bytes: r.max_in_flight_bytes.unwrap_or(DEFAULT_MAX_IN_FLIGHT_BYTES),
+                shutdown_timeout: r.shutdown_timeout.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT),
+                reconnect_backoff_min: r
+                    .reconnect_backoff_min
+                    .unwrap_or(DEFAULT_RECONNECT_BACKOFF_MIN),
+                reconnect_backoff_max: r
+                    .reconnect_backoff_max
+                    .unwrap_or(DEFAULT_RECONNECT_BACKOFF_MAX),
+            },
+            log: LogConfig {
+                format: l.format.unwrap_or(DEFAULT_LOG_FORMAT),
+                filter: l.filter.unwrap_or_else(|| DEFAULT_LOG_FILTER.into()),
+            },
+        };
+        problems.extend(validate::validate(&config));
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+}
+
+fn strip_one_newline(mut s: String) -> String {
+    if s.ends_with('\n') {
+        s.pop();
+        if s.ends_with('\r') {
+            s.pop();
+        }
+    }
+    s
+}
