@@ -61,12 +61,10 @@ pub async fn serve_on(
     metrics: Metrics,
     shutdown: CancellationToken,
 ) -> Result<(), HttpError> {
-    let addr = listener
-        .local_addr()
-        .map_err(|source| HttpError::Serve {
-            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-            source,
-        })?;
+    let addr = listener.local_addr().map_err(|source| HttpError::Serve {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })?;
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
     axum::serve(listener, router(metrics))
         .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -144,7 +142,9 @@ mod tests {
         }
     }
 
-    async fn start(metrics: Metrics) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
+    async fn start(
+        metrics: Metrics,
+    ) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
         let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
@@ -168,7 +168,12 @@ mod tests {
 
         let r = get(addr, "/readyz").await;
         assert_eq!(r.status, 503);
-        assert!(r.body.starts_with("not ready: the replication stream has not started"), "{}", r.body);
+        assert!(
+            r.body
+                .starts_with("not ready: the replication stream has not started"),
+            "{}",
+            r.body
+        );
         metrics.streaming(true);
         let r = get(addr, "/readyz").await;
         assert_eq!((r.status, r.body.as_str()), (200, "ready\n"));
@@ -176,7 +181,9 @@ mod tests {
         let r = get(addr, "/metrics").await;
         assert_eq!(r.status, 200);
         assert!(
-            r.headers.contains("content-type: application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            r.headers.contains(
+                "content-type: application/openmetrics-text; version=1.0.0; charset=utf-8"
+            ),
             "{}",
             r.headers
         );
@@ -185,7 +192,8 @@ mod tests {
         assert!(scrape
             .samples
             .iter()
-            .any(|s| s.metric == names::PRODUCED_RECORDS_TOTAL && s.labels.get("topic") == Some("orders")));
+            .any(|s| s.metric == names::PRODUCED_RECORDS_TOTAL
+                && s.labels.get("topic") == Some("orders")));
         assert!(scrape.samples.iter().any(|s| s.metric == names::READY));
         assert!(r.body.ends_with("# EOF\n"));
 

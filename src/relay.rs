@@ -69,7 +69,9 @@ pub enum RelayError {
     Sql(#[from] tokio_postgres::Error),
     #[error(transparent)]
     Replication(#[from] ReplicationError),
-    #[error("cannot decode the replication stream: {0}; please report this with the PostgreSQL version")]
+    #[error(
+        "cannot decode the replication stream: {0}; please report this with the PostgreSQL version"
+    )]
     Decode(#[from] DecodeError),
     #[error("{0}")]
     Mapping(#[from] MappingError),
@@ -79,7 +81,9 @@ pub enum RelayError {
     Kafka(#[from] KafkaSinkError),
     #[error("Kafka did not acknowledge a record for topic {topic}: {error}")]
     Delivery { topic: String, error: String },
-    #[error("the Kafka producer hit a fatal error ({0}); rebuilding it and resuming from the slot")]
+    #[error(
+        "the Kafka producer hit a fatal error ({0}); rebuilding it and resuming from the slot"
+    )]
     ProducerFatal(String),
     #[error("replication slot {slot:?} does not exist and slot creation is off; create it (SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')) or enable postgres.create_slot")]
     SlotMissing { slot: String },
@@ -287,7 +291,9 @@ impl Relay {
         let pg = &cfg.postgres;
 
         // Ordinary SQL: checks, publication, slot state.
-        let sql_config = pg.sql_config().map_err(|e| RelayError::Config(e.to_string()))?;
+        let sql_config = pg
+            .sql_config()
+            .map_err(|e| RelayError::Config(e.to_string()))?;
         let (client, connection) = sql_config.connect(tokio_postgres::NoTls).await?;
         let conn_task = tokio::spawn(async move {
             if let Err(e) = connection.await {

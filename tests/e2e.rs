@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use harness::{
-    current_wal_lsn, lsn_to_u64, slot_confirmed_flush_lsn, unique_name, wait_until,
-    Broker, Consumed, PgCluster, PgVersion, RelayProcess,
+    current_wal_lsn, lsn_to_u64, slot_confirmed_flush_lsn, unique_name, wait_until, Broker,
+    Consumed, PgCluster, PgVersion, RelayProcess,
 };
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -123,16 +123,30 @@ impl Expected {
     fn per_topic(&self) -> BTreeMap<String, usize> {
         let mut m = BTreeMap::new();
         for r in &self.rows {
-            *m.entry(format!("outbox.event.{}", r.aggregatetype)).or_insert(0) += 1;
+            *m.entry(format!("outbox.event.{}", r.aggregatetype))
+                .or_insert(0) += 1;
         }
         m
     }
 
     /// Consume until every row arrived at least once (or the deadline passed).
+    /// Duplicates count towards the broker's record count, so read again,
+    /// asking for more, until every distinct id is there.
     async fn consume(&self, broker: &Broker) -> Vec<Consumed> {
         let mut all = Vec::new();
+        let deadline = tokio::time::Instant::now() + DEADLINE;
         for (topic, n) in self.per_topic() {
-            all.extend(broker.consume(&topic, n, DEADLINE).await);
+            let mut want = n;
+            loop {
+                let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let got = broker.consume(&topic, want, remaining).await;
+                let distinct: HashSet<&[u8]> = got.iter().filter_map(|c| c.header("id")).collect();
+                if distinct.len() >= n || remaining.is_zero() || got.len() < want {
+                    all.extend(got);
+                    break;
+                }
+                want = got.len() + (n - distinct.len());
+            }
         }
         all
     }
@@ -149,12 +163,19 @@ impl Expected {
         sorted.sort_by_key(|c| (c.topic.clone(), c.partition, c.offset));
         let mut last_seq_per_key: HashMap<(String, Vec<u8>), u64> = HashMap::new();
         for c in sorted {
-            let id = c.header_str("id").expect("every record has an id header").to_string();
+            let id = c
+                .header_str("id")
+                .expect("every record has an id header")
+                .to_string();
             let row = by_id
                 .get(id.as_str())
                 .unwrap_or_else(|| panic!("record with unknown id {id}"));
             assert_eq!(c.topic, format!("outbox.event.{}", row.aggregatetype));
-            assert_eq!(c.key.as_deref(), Some(row.aggregateid.as_bytes()), "key of {id}");
+            assert_eq!(
+                c.key.as_deref(),
+                Some(row.aggregateid.as_bytes()),
+                "key of {id}"
+            );
             assert_eq!(
                 c.payload.as_deref(),
                 Some(row.payload.as_bytes()),
@@ -222,7 +243,10 @@ async fn insert_rows(
             seq += 1;
         }
         sql.push_str("COMMIT;");
-        client.batch_execute(&sql).await.expect("insert outbox rows");
+        client
+            .batch_execute(&sql)
+            .await
+            .expect("insert outbox rows");
     }
     seq
 }
@@ -273,14 +297,20 @@ async fn clean_run_delivers_every_row_once_in_order(version: PgVersion) {
     // Nothing extra arrives afterwards.
     let mut total = 0;
     for topic in expected.per_topic().keys() {
-        total += env.broker.consume_for(topic, Duration::from_secs(2)).await.len();
+        total += env
+            .broker
+            .consume_for(topic, Duration::from_secs(2))
+            .await
+            .len();
     }
     assert_eq!(total, expected.rows.len(), "no extra records");
     // The slot catches up with the last transaction.
     let end = lsn_to_u64(&current_wal_lsn(&client).await);
-    wait_until(DEADLINE, "the slot confirms the last transaction", || async {
-        env.confirmed(&client).await >= end
-    })
+    wait_until(
+        DEADLINE,
+        "the slot confirms the last transaction",
+        || async { env.confirmed(&client).await >= end },
+    )
     .await;
     assert!(relay.is_running(), "relay log:\n{}", relay.log());
 }
@@ -303,7 +333,9 @@ async fn slot_never_passes_unacknowledged_records(version: PgVersion) {
     let end = insert_rows(&client, next, 10, 3).await;
     // Other WAL traffic too, so keepalives carry positions past the batch.
     client
-        .batch_execute("CREATE TABLE noise(x int); INSERT INTO noise SELECT generate_series(1, 1000);")
+        .batch_execute(
+            "CREATE TABLE noise(x int); INSERT INTO noise SELECT generate_series(1, 1000);",
+        )
         .await
         .unwrap();
     // Several status intervals pass; sample the slot all along.
@@ -322,15 +354,17 @@ async fn slot_never_passes_unacknowledged_records(version: PgVersion) {
     let consumed = expected.consume(&env.broker).await;
     expected.check(&consumed);
     let now = lsn_to_u64(&current_wal_lsn(&client).await);
-    wait_until(DEADLINE, "slot advances after the broker resumes", || async {
-        env.confirmed(&client).await >= now
-    })
+    wait_until(
+        DEADLINE,
+        "slot advances after the broker resumes",
+        || async { env.confirmed(&client).await >= now },
+    )
     .await;
     assert!(relay.is_running(), "relay log:\n{}", relay.log());
 }
 
 async fn kill_9_mid_stream_loses_nothing(version: PgVersion) {
-    let env = Env::new(version).await;
+    let mut env = Env::new(version).await;
     let client = env.client().await;
     let mut relay = env.relay();
     env.wait_streaming(&mut relay).await;
@@ -349,12 +383,30 @@ async fn kill_9_mid_stream_loses_nothing(version: PgVersion) {
     });
     let topic = "outbox.event.Order";
     wait_until(DEADLINE, "some records arrived", || async {
-        !env.broker.consume_for(topic, Duration::from_millis(300)).await.is_empty()
+        !env.broker
+            .consume_for(topic, Duration::from_millis(300))
+            .await
+            .is_empty()
     })
     .await;
     relay.kill9();
     let mut relay = env.relay();
-    let total = writer.await.unwrap();
+    // Second kill while the broker holds records unacknowledged: whatever the
+    // relay had in flight must come again after the restart.
+    relay.wait_for_log("streaming", DEADLINE).await;
+    env.broker.pause();
+    let paused_batch = {
+        let (c, conn) = tokio_postgres::connect(&env.pg.url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        insert_rows(&c, 1_000_000, 20, 4).await - 1_000_000
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await; // several status intervals
+    relay.kill9();
+    env.broker.resume();
+    let mut relay = env.relay();
+    let total = writer.await.unwrap() + paused_batch;
     let expected = Expected::read(&client).await;
     assert_eq!(expected.rows.len() as u64, total);
     let consumed = expected.consume(&env.broker).await;
@@ -376,7 +428,9 @@ async fn idle_outbox_busy_database_keeps_slot_advancing(version: PgVersion) {
     // Several MB of WAL on a table the publication does not carry.
     for _ in 0..20 {
         client
-            .batch_execute("INSERT INTO busy(v) SELECT repeat('w', 200) FROM generate_series(1, 2000)")
+            .batch_execute(
+                "INSERT INTO busy(v) SELECT repeat('w', 200) FROM generate_series(1, 2000)",
+            )
             .await
             .unwrap();
     }
@@ -395,7 +449,10 @@ async fn idle_outbox_busy_database_keeps_slot_advancing(version: PgVersion) {
         .await
         .unwrap()
         .get(0);
-    assert!(retained < 1 << 20, "retained {retained} bytes behind the slot");
+    assert!(
+        retained < 1 << 20,
+        "retained {retained} bytes behind the slot"
+    );
 }
 
 async fn alter_table_while_running(version: PgVersion) {
@@ -443,8 +500,15 @@ async fn sigterm_drains_and_confirms(version: PgVersion) {
     expected.check(&consumed);
     let last_commit = lsn_to_u64(&current_wal_lsn(&client).await);
     relay.sigterm();
-    let status = relay.wait_exit(Duration::from_secs(30)).await.expect("relay exits on SIGTERM");
-    assert!(status.success(), "exit status {status:?}; log:\n{}", relay.log());
+    let status = relay
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("relay exits on SIGTERM");
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        relay.log()
+    );
     let confirmed = env.confirmed(&client).await;
     assert!(
         confirmed >= last_commit,
@@ -455,9 +519,17 @@ async fn sigterm_drains_and_confirms(version: PgVersion) {
     env.wait_streaming(&mut relay).await;
     let mut total = 0;
     for topic in expected.per_topic().keys() {
-        total += env.broker.consume_for(topic, Duration::from_secs(2)).await.len();
+        total += env
+            .broker
+            .consume_for(topic, Duration::from_secs(2))
+            .await
+            .len();
     }
-    assert_eq!(total, expected.rows.len(), "a clean restart duplicates nothing");
+    assert_eq!(
+        total,
+        expected.rows.len(),
+        "a clean restart duplicates nothing"
+    );
 }
 
 async fn wal_level_replica_is_a_clear_error(version: PgVersion) {
@@ -482,14 +554,28 @@ async fn bad_configuration_is_reported_with_the_fix() {
     // nothing started, every problem named.
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("relay.toml");
-    std::fs::write(&cfg, "[postgres]\nurl = \"postgres://x@127.0.0.1:1/db\"\nslott = \"typo\"\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "[postgres]\nurl = \"postgres://x@127.0.0.1:1/db\"\nslott = \"typo\"\n",
+    )
+    .unwrap();
     let mut relay = RelayProcess::spawn(
-        &["--config", cfg.to_str().unwrap(), "run", "--kafka-brokers", "127.0.0.1:1"],
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "run",
+            "--kafka-brokers",
+            "127.0.0.1:1",
+        ],
         &[],
     );
     let status = relay.wait_exit(DEADLINE).await.expect("exits");
     assert!(!status.success());
-    assert!(relay.log().contains("slott"), "names the unknown key:\n{}", relay.log());
+    assert!(
+        relay.log().contains("slott"),
+        "names the unknown key:\n{}",
+        relay.log()
+    );
 
     let mut relay = RelayProcess::spawn(
         &[
@@ -508,11 +594,16 @@ async fn bad_configuration_is_reported_with_the_fix() {
     assert!(relay.log().contains("no-equals-sign"), "{}", relay.log());
 
     let mut relay = RelayProcess::spawn(
-        &["run", "--postgres-url", "postgres://x@127.0.0.1:1/db", "--kafka-brokers", "b:9092"],
+        &[
+            "run",
+            "--postgres-url",
+            "postgres://x@127.0.0.1:1/db",
+            "--kafka-brokers",
+            "b:9092",
+        ],
         &[("OUTBOX_RELAY_SLTO", "x")],
     );
     let status = relay.wait_exit(DEADLINE).await.expect("exits");
     assert!(!status.success());
     assert!(relay.log().contains("OUTBOX_RELAY_SLTO"), "{}", relay.log());
 }
-

@@ -220,7 +220,11 @@ mod tests {
         let t0 = Instant::now();
         let mut r = streaming_at(t0);
         r.on_in_flight(5, t0 + s(1));
-        assert_eq!(r.is_ready(t0 + s(31)), Ok(()), "exactly at the limit is still ready");
+        assert_eq!(
+            r.is_ready(t0 + s(31)),
+            Ok(()),
+            "exactly at the limit is still ready"
+        );
         let err = r.is_ready(t0 + s(32)).unwrap_err();
         assert!(err.contains("5 records in flight"), "{err}");
         assert!(err.contains("for 31s"), "{err}");

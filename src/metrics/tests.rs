@@ -1,5 +1,6 @@
 use std::collections::BTreeSet;
 use std::path::Path;
+use std::time::UNIX_EPOCH;
 
 use prometheus_parse::{LineInfo, Scrape, Value};
 
@@ -12,7 +13,10 @@ fn parse(text: &str) -> Scrape {
 /// Every line of `text` is a HELP, TYPE, UNIT or sample line, the text ends
 /// with `# EOF`, and every sample belongs to a family declared before it.
 fn assert_well_formed(text: &str) {
-    assert!(text.ends_with("# EOF\n"), "OpenMetrics text ends with # EOF");
+    assert!(
+        text.ends_with("# EOF\n"),
+        "OpenMetrics text ends with # EOF"
+    );
     let mut declared: BTreeSet<String> = BTreeSet::new();
     for line in text.lines() {
         if line == "# EOF" || line.starts_with("# UNIT ") {
@@ -32,7 +36,11 @@ fn assert_well_formed(text: &str) {
             } => {
                 let family = ["_total", "_bucket", "_sum", "_count", "_created"]
                     .iter()
-                    .find_map(|s| metric_name.strip_suffix(s).filter(|b| declared.contains(*b)))
+                    .find_map(|s| {
+                        metric_name
+                            .strip_suffix(s)
+                            .filter(|b| declared.contains(*b))
+                    })
                     .unwrap_or(metric_name);
                 assert!(
                     declared.contains(family),
@@ -151,10 +159,20 @@ fn values_show_up_in_the_scrape() {
     assert_eq!(topic(names::PRODUCED_RECORDS_TOTAL, "orders"), Some(2.0));
     assert_eq!(topic(names::PRODUCED_BYTES_TOTAL, "orders"), Some(150.0));
     assert_eq!(topic(names::PRODUCED_RECORDS_TOTAL, "payments"), Some(1.0));
-    assert_eq!(topic(names::DEAD_LETTERED_RECORDS_TOTAL, "payments"), Some(1.0));
-    assert_eq!(topic(names::DEAD_LETTERED_RECORDS_TOTAL, "orders"), Some(0.0));
     assert_eq!(
-        sample_value(&s, names::DELIVERY_ERRORS_TOTAL, Some(("class", "msg_timed_out"))),
+        topic(names::DEAD_LETTERED_RECORDS_TOTAL, "payments"),
+        Some(1.0)
+    );
+    assert_eq!(
+        topic(names::DEAD_LETTERED_RECORDS_TOTAL, "orders"),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample_value(
+            &s,
+            names::DELIVERY_ERRORS_TOTAL,
+            Some(("class", "msg_timed_out"))
+        ),
         Some(2.0)
     );
     for status in WAL_STATUSES {
@@ -181,12 +199,7 @@ fn values_show_up_in_the_scrape() {
     let Value::Histogram(buckets) = &hist.value else {
         panic!("not a histogram: {hist:?}");
     };
-    let count_le = |le: f64| {
-        buckets
-            .iter()
-            .find(|b| b.less_than == le)
-            .map(|b| b.count)
-    };
+    let count_le = |le: f64| buckets.iter().find(|b| b.less_than == le).map(|b| b.count);
     assert_eq!(count_le(0.0005), Some(0.0));
     assert_eq!(count_le(0.001), Some(1.0));
     assert_eq!(count_le(1.0), Some(1.0));
@@ -249,7 +262,11 @@ fn topic_labels_are_bounded() {
     assert_eq!(records("topic1"), Some(2.0));
     assert_eq!(records(OTHER_LABEL), Some(7.0));
     assert_eq!(
-        sample_value(&s, names::PRODUCED_BYTES_TOTAL, Some(("topic", OTHER_LABEL))),
+        sample_value(
+            &s,
+            names::PRODUCED_BYTES_TOTAL,
+            Some(("topic", OTHER_LABEL))
+        ),
         Some(70.0)
     );
     assert_eq!(
@@ -415,8 +432,8 @@ fn metric_refs(text: &str) -> BTreeSet<String> {
     let mut i = 0;
     while let Some(pos) = text[i..].find("outbox_relay_") {
         let start = i + pos;
-        let preceded_by_ident = start > 0
-            && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let preceded_by_ident =
+            start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
         let mut end = start;
         while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
             end += 1;
@@ -470,7 +487,9 @@ fn grafana_dashboard_uses_only_known_metrics() {
     let text = deploy_file("deploy/grafana/outbox-relay.json");
     let dashboard: serde_json::Value = serde_json::from_str(&text).expect("dashboard is JSON");
     assert!(dashboard["title"].is_string(), "dashboard has a title");
-    assert!(dashboard["panels"].as_array().is_some_and(|p| !p.is_empty()));
+    assert!(dashboard["panels"]
+        .as_array()
+        .is_some_and(|p| !p.is_empty()));
     let mut exprs = Vec::new();
     collect_json_exprs(&dashboard, &mut exprs);
     assert!(exprs.len() >= 10, "only {} queries", exprs.len());
@@ -525,7 +544,10 @@ fn alert_rules_use_only_known_metrics() {
     }
     // Every `outbox_relay_*` anywhere in the file (comments included) exists.
     for r in metric_refs(&text) {
-        assert!(known_metric(&r).is_some(), "alerts.yml names unknown metric {r}");
+        assert!(
+            known_metric(&r).is_some(),
+            "alerts.yml names unknown metric {r}"
+        );
     }
     let uses = |metric: &str| alerts.iter().any(|(_, e)| e.contains(metric));
     assert!(uses(names::SLOT_RETAINED_WAL_BYTES));
