@@ -77,10 +77,15 @@ pub struct CheckArgs {
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Sample events the writer inserts per second
-    #[arg(long, value_name = "N", default_value_t = 20)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 20,
+        env = "OUTBOX_RELAY_RATE"
+    )]
     pub rate: u32,
     /// Stop after this many events arrived (default: run until Ctrl-C)
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "OUTBOX_RELAY_COUNT")]
     pub count: Option<u64>,
     #[command(flatten)]
     pub config: ConfigArgs,

@@ -45,6 +45,8 @@ pub enum DemoError {
     Writer(tokio_postgres::Error),
     #[error(transparent)]
     Relay(#[from] RelayError),
+    #[error("invalid configuration: {0}")]
+    Config(String),
 }
 
 /// Run the demo until Ctrl-C (`shutdown`) or `count` events arrived.
@@ -147,12 +149,12 @@ pub async fn run(
 }
 
 async fn write_events(cfg: Config, rate: u32, stop: CancellationToken) -> Result<(), DemoError> {
-    let sql = cfg.postgres.sql_config().expect("validated at start");
-    let (client, conn) = sql
-        .connect(tokio_postgres::NoTls)
+    let client = crate::sql::connect(&cfg.postgres)
         .await
-        .map_err(DemoError::Writer)?;
-    tokio::spawn(conn);
+        .map_err(|e| match e {
+            crate::sql::SqlConnectError::Postgres(e) => DemoError::Writer(e),
+            crate::sql::SqlConnectError::Config(e) => DemoError::Config(e.to_string()),
+        })?;
     let table = cfg.postgres.table.to_string();
     let insert = client
         .prepare(&format!(

@@ -65,6 +65,7 @@ pub mod pgoutput;
 pub mod relay;
 pub mod replication;
 pub mod setup;
+pub mod sql;
 pub mod status;
 
 pub use lsn::Lsn;

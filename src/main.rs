@@ -103,16 +103,13 @@ async fn run(cfg: Config) -> ExitCode {
 }
 
 async fn check(cfg: Config) -> ExitCode {
-    let sql = match cfg.postgres.sql_config() {
-        Ok(s) => s,
-        Err(e) => {
+    let client = match outbox_relay::sql::connect(&cfg.postgres).await {
+        Ok(c) => c,
+        Err(outbox_relay::sql::SqlConnectError::Config(e)) => {
             eprintln!("error: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
-    };
-    let (client, connection) = match sql.connect(tokio_postgres::NoTls).await {
-        Ok(c) => c,
-        Err(e) => {
+        Err(outbox_relay::sql::SqlConnectError::Postgres(e)) => {
             eprintln!(
                 "error: cannot connect to PostgreSQL at {}: {}",
                 cfg.postgres.redacted_url(),
@@ -121,7 +118,6 @@ async fn check(cfg: Config) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    tokio::spawn(connection);
     match setup::diagnose(&cfg, &client).await {
         Ok(problems) => {
             if problems.is_empty() {

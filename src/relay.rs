@@ -291,16 +291,10 @@ impl Relay {
         let pg = &cfg.postgres;
 
         // Ordinary SQL: checks, publication, slot state.
-        let sql_config = pg
-            .sql_config()
-            .map_err(|e| RelayError::Config(e.to_string()))?;
-        let (client, connection) = sql_config.connect(tokio_postgres::NoTls).await?;
-        let conn_task = tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "sql connection ended");
-            }
-        });
-        let _conn_guard = AbortOnDrop(conn_task);
+        let client = crate::sql::connect(pg).await.map_err(|e| match e {
+            crate::sql::SqlConnectError::Config(e) => RelayError::Config(e.to_string()),
+            crate::sql::SqlConnectError::Postgres(e) => RelayError::Sql(e),
+        })?;
         if !self.started {
             let problems = setup::preflight(&cfg, &client).await?;
             if !problems.is_empty() {
@@ -373,14 +367,6 @@ impl Relay {
             tracing::debug!(error = %e, "replication stream did not finish cleanly");
         }
         Ok(SessionEnd::Shutdown)
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
