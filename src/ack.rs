@@ -48,6 +48,8 @@ enum Entry {
         end_lsn: Option<Lsn>,
         /// Records produced and not yet acknowledged.
         pending: u64,
+        /// Commit time (µs since 2000-01-01), for the time-lag metric.
+        commit_time: i64,
     },
     Marker {
         lsn: Lsn,
@@ -61,6 +63,7 @@ impl Entry {
             Entry::Txn {
                 end_lsn: Some(lsn),
                 pending: 0,
+                ..
             } => Some(lsn),
             Entry::Txn { .. } => None,
             Entry::Marker { lsn } => Some(lsn),
@@ -79,6 +82,8 @@ pub struct AckTracker {
     flushed: Lsn,
     received: Lsn,
     pending_records: u64,
+    /// Commit time of the newest confirmed transaction.
+    flushed_commit_time: Option<i64>,
 }
 
 impl AckTracker {
@@ -91,6 +96,7 @@ impl AckTracker {
             flushed: confirmed,
             received: confirmed,
             pending_records: 0,
+            flushed_commit_time: None,
         }
     }
 
@@ -108,8 +114,8 @@ impl AckTracker {
         self.received = self.received.max(lsn);
     }
 
-    /// A transaction begins.
-    pub fn begin(&mut self) -> Result<TxnToken, AckError> {
+    /// A transaction begins; `commit_time` is from its Begin message.
+    pub fn begin(&mut self, commit_time: i64) -> Result<TxnToken, AckError> {
         if self.open.is_some() {
             return Err(AckError::NestedBegin);
         }
@@ -117,6 +123,7 @@ impl AckTracker {
         self.entries.push_back(Entry::Txn {
             end_lsn: None,
             pending: 0,
+            commit_time,
         });
         self.open = Some(seq);
         Ok(TxnToken(seq))
@@ -186,6 +193,9 @@ impl AckTracker {
                 break;
             };
             self.flushed = self.flushed.max(lsn);
+            if let Entry::Txn { commit_time, .. } = front {
+                self.flushed_commit_time = Some(*commit_time);
+            }
             self.entries.pop_front();
             self.base_seq += 1;
         }
@@ -194,6 +204,11 @@ impl AckTracker {
     /// The position that may be confirmed (sent as `flushed` in status updates).
     pub fn flushed(&self) -> Lsn {
         self.flushed
+    }
+
+    /// Commit time of the newest confirmed transaction (µs since 2000-01-01).
+    pub fn flushed_commit_time(&self) -> Option<i64> {
+        self.flushed_commit_time
     }
 
     /// The highest position received from the server (sent as `written`).
@@ -229,7 +244,7 @@ mod tests {
     #[test]
     fn empty_transaction_confirms_at_commit() {
         let mut t = AckTracker::new(lsn(100));
-        t.begin().unwrap();
+        t.begin(0).unwrap();
         t.commit(lsn(200)).unwrap();
         assert_eq!(t.flushed(), lsn(200));
         assert!(t.is_idle());
@@ -238,7 +253,7 @@ mod tests {
     #[test]
     fn transaction_confirms_only_after_every_record_is_acked() {
         let mut t = AckTracker::new(lsn(0));
-        t.begin().unwrap();
+        t.begin(0).unwrap();
         let a = t.record_sent().unwrap();
         let b = t.record_sent().unwrap();
         t.commit(lsn(50)).unwrap();
@@ -252,10 +267,10 @@ mod tests {
     #[test]
     fn later_transaction_acked_first_waits_for_earlier() {
         let mut t = AckTracker::new(lsn(0));
-        t.begin().unwrap();
+        t.begin(0).unwrap();
         let first = t.record_sent().unwrap();
         t.commit(lsn(10)).unwrap();
-        t.begin().unwrap();
+        t.begin(0).unwrap();
         let second = t.record_sent().unwrap();
         t.commit(lsn(20)).unwrap();
         t.ack(second).unwrap();
@@ -271,7 +286,7 @@ mod tests {
     #[test]
     fn open_transaction_holds_back_keepalive_marker() {
         let mut t = AckTracker::new(lsn(0));
-        t.begin().unwrap();
+        t.begin(0).unwrap();
         let r = t.record_sent().unwrap();
         t.keepalive(lsn(5));
         assert_eq!(t.flushed(), lsn(0));
@@ -293,7 +308,7 @@ mod tests {
     #[test]
     fn keepalive_behind_pending_transaction_waits() {
         let mut t = AckTracker::new(lsn(0));
-        t.begin().unwrap();
+        t.begin(0).unwrap();
         let r = t.record_sent().unwrap();
         t.commit(lsn(40)).unwrap();
         t.keepalive(lsn(100));
@@ -309,8 +324,8 @@ mod tests {
         let mut t = AckTracker::new(lsn(0));
         assert!(t.record_sent().is_err());
         assert!(t.commit(lsn(1)).is_err());
-        t.begin().unwrap();
-        assert_eq!(t.begin(), Err(AckError::NestedBegin));
+        t.begin(0).unwrap();
+        assert_eq!(t.begin(0), Err(AckError::NestedBegin));
         assert!(t.ack(TxnToken(0)).is_err(), "no record sent yet");
         assert!(t.ack(TxnToken(99)).is_err());
     }
@@ -362,7 +377,7 @@ mod tests {
             for item in items {
                 match item {
                     Item::Txn { records } => {
-                        let token = t.begin().unwrap();
+                        let token = t.begin(0).unwrap();
                         let idx = txns.len();
                         next += 10;
                         let commit_lsn = next + u64::from(records) * 10;

@@ -46,6 +46,10 @@ pub enum Command {
     /// Check the configuration, PostgreSQL and the outbox table; print each problem
     /// with its fix and exit non-zero if any must be fixed
     Check(CheckArgs),
+    /// Show the slot, its position, lag and retained WAL, bookmarks and the
+    /// publication (no streaming); exit 1 slot missing, 2 invalidated,
+    /// 3 retaining more than --max-retained-bytes, 4 server unreadable
+    Status(StatusArgs),
     /// Demo: relay + sample writer + consumer, with librdkafka's in-process mock
     /// cluster as the broker (scripts/demo.sh starts PostgreSQL for you)
     Demo(DemoArgs),
@@ -58,6 +62,7 @@ impl Command {
             Command::Run(a) => Some(&a.config),
             Command::Check(a) => Some(&a.config),
             Command::Demo(a) => Some(&a.config),
+            Command::Status(a) => Some(&a.config),
         }
     }
 }
@@ -70,6 +75,18 @@ pub struct RunArgs {
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print JSON for scripts instead of the table
+    #[arg(long, env = "OUTBOX_RELAY_JSON")]
+    pub json: bool,
+    /// Exit 3 when the slot retains more WAL than this, e.g. 10GiB
+    #[arg(long, value_name = "BYTES", env = "OUTBOX_RELAY_MAX_RETAINED_BYTES", value_parser = parse_byte_size)]
+    pub max_retained_bytes: Option<usize>,
     #[command(flatten)]
     pub config: ConfigArgs,
 }
@@ -304,6 +321,10 @@ pub struct RelayArgs {
     /// Longest delay between reconnects [default: 30s]
     #[arg(long, value_name = "DURATION", env = "OUTBOX_RELAY_RECONNECT_BACKOFF_MAX", value_parser = parse_duration)]
     pub reconnect_backoff_max: Option<Duration>,
+
+    /// Address for /metrics, /healthz and /readyz, or `off` [default: 127.0.0.1:9187]
+    #[arg(long, value_name = "ADDR", env = "OUTBOX_RELAY_HTTP_LISTEN")]
+    pub http_listen: Option<String>,
 }
 
 #[derive(Debug, Default, Args)]
@@ -384,6 +405,7 @@ impl ConfigArgs {
                 shutdown_timeout: r.shutdown_timeout,
                 reconnect_backoff_min: r.reconnect_backoff_min,
                 reconnect_backoff_max: r.reconnect_backoff_max,
+                http_listen: r.http_listen.clone(),
             },
             log: LogLayer {
                 format: l.log_format,
@@ -438,9 +460,14 @@ pub fn load_with_env(cli: &Cli, env: &BTreeMap<String, String>) -> Result<Config
         .config_args()
         .map(ConfigArgs::to_layer)
         .unwrap_or_default();
-    if matches!(cli.command, Command::Demo(_)) && top.kafka.brokers.is_none() {
-        // The demo brings its own in-process broker and fills this in.
-        top.kafka.brokers = Some("demo-mock-cluster:9092".to_string());
+    if top.kafka.brokers.is_none() {
+        match cli.command {
+            // The demo brings its own in-process broker and fills this in.
+            Command::Demo(_) => top.kafka.brokers = Some("demo-mock-cluster:9092".to_string()),
+            // Status reads PostgreSQL only.
+            Command::Status(_) => top.kafka.brokers = Some("unused-by-status:9092".to_string()),
+            _ => {}
+        }
     }
     top.postgres.password = env
         .get(ENV_POSTGRES_PASSWORD)

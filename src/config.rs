@@ -83,6 +83,8 @@ pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 64 << 20;
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(500);
 pub const DEFAULT_RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Address of the /metrics, /healthz and /readyz listener; `off` disables it.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9187";
 
 pub const DEFAULT_LOG_FORMAT: LogFormat = LogFormat::Text;
 /// A `tracing_subscriber::EnvFilter` directive.
@@ -156,6 +158,18 @@ pub struct RelayConfig {
     pub shutdown_timeout: Duration,
     pub reconnect_backoff_min: Duration,
     pub reconnect_backoff_max: Duration,
+    /// `host:port` of the HTTP listener, or `off`.
+    pub http_listen: String,
+}
+
+impl RelayConfig {
+    /// The HTTP listener's address; `None` when switched off.
+    pub fn http_listen_addr(&self) -> Option<std::net::SocketAddr> {
+        if self.http_listen.eq_ignore_ascii_case("off") {
+            return None;
+        }
+        self.http_listen.parse().ok()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -228,6 +242,7 @@ impl Default for RelayConfig {
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             reconnect_backoff_min: DEFAULT_RECONNECT_BACKOFF_MIN,
             reconnect_backoff_max: DEFAULT_RECONNECT_BACKOFF_MAX,
+            http_listen: DEFAULT_HTTP_LISTEN.to_string(),
         }
     }
 }

@@ -10,8 +10,9 @@ use tracing_subscriber::EnvFilter;
 use outbox_relay::cli::{self, Cli, Command};
 use outbox_relay::config::{Config, LogFormat};
 use outbox_relay::demo::{self, DemoOptions};
+use outbox_relay::metrics::Metrics;
 use outbox_relay::relay::Relay;
-use outbox_relay::setup;
+use outbox_relay::{http, setup, status};
 
 /// Exit codes: 0 success, 1 runtime failure (or `check` found problems),
 /// 2 invalid configuration or command line.
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(_) => run(cfg).await,
             Command::Check(_) => check(cfg).await,
+            Command::Status(args) => status(cfg, args.json, args.max_retained_bytes).await,
             Command::Demo(args) => {
                 let opts = DemoOptions {
                     rate: args.rate,
@@ -90,7 +92,29 @@ async fn run(cfg: Config) -> ExitCode {
         slot = %cfg.postgres.slot,
         "outbox-relay starting"
     );
-    match Relay::new(cfg, shutdown_signal()).run().await {
+    let metrics = Metrics::new();
+    let http_stop = CancellationToken::new();
+    if let Some(addr) = cfg.relay.http_listen_addr() {
+        match http::bind(addr).await {
+            Ok(listener) => {
+                let (m, stop) = (metrics.clone(), http_stop.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = http::serve_on(listener, m, stop).await {
+                        tracing::error!("{e}");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
+    let result = Relay::with_metrics(cfg, shutdown_signal(), metrics)
+        .run()
+        .await;
+    http_stop.cancel();
+    match result {
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS
@@ -98,6 +122,40 @@ async fn run(cfg: Config) -> ExitCode {
         Err(e) => {
             tracing::error!("{e}");
             ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// `status`: exit codes are the status module's (0 ok, 1 slot missing,
+/// 2 invalidated, 3 retaining too much); 4 when the server cannot be read.
+async fn status(cfg: Config, json: bool, max_retained: Option<usize>) -> ExitCode {
+    const EXIT_UNREADABLE: u8 = 4;
+    let client = match outbox_relay::sql::connect(&cfg.postgres).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "error: cannot read the server at {}: {e}",
+                cfg.postgres.redacted_url()
+            );
+            return ExitCode::from(EXIT_UNREADABLE);
+        }
+    };
+    match status::collect(&client, &cfg.postgres.slot, &cfg.postgres.publication).await {
+        Ok(s) => {
+            if json {
+                println!("{}", status::render_json(&s));
+            } else {
+                println!("{}", status::render_text(&s));
+            }
+            let threshold = max_retained.map_or(u64::MAX, |b| b as u64);
+            if let Some((_, reason)) = status::exit_reason(&s, threshold) {
+                eprintln!("{reason}");
+            }
+            ExitCode::from(status::exit_code(&s, threshold) as u8)
+        }
+        Err(e) => {
+            eprintln!("error: {}", setup::describe_pg_error(&e));
+            ExitCode::from(EXIT_UNREADABLE)
         }
     }
 }

@@ -21,7 +21,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use rand::Rng;
 use tokio::time::MissedTickBehavior;
@@ -31,6 +31,7 @@ use crate::ack::{AckError, AckTracker};
 use crate::config::Config;
 use crate::kafka::{DeliveryToken, KafkaSink, KafkaSinkError, SinkEvent, SinkSettings};
 use crate::lsn::Lsn;
+use crate::metrics::{latency_since_commit, Metrics, ProgressLog};
 use crate::outbox::{Mapped, MappingError, OutboxMapper, OutboxRecord, TxnInfo};
 use crate::pgoutput::{DecodeError, Decoder, Message};
 use crate::replication::{
@@ -45,6 +46,10 @@ const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 /// Silence after which the server is presumed gone (we ask it for a keepalive
 /// every status interval, so a live server is never this quiet).
 const SERVER_SILENCE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the slot's lag and retained WAL are sampled over SQL.
+const LAG_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the one-line progress log is written.
+const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(30);
 /// Pause before retrying a record librdkafka's queue refused.
 const QUEUE_FULL_RETRY: Duration = Duration::from_millis(5);
 
@@ -214,6 +219,7 @@ struct Window {
 pub struct Relay {
     cfg: Config,
     shutdown: CancellationToken,
+    metrics: Metrics,
     generation: u64,
     sink: Option<KafkaSink>,
     started: bool,
@@ -221,9 +227,15 @@ pub struct Relay {
 
 impl Relay {
     pub fn new(cfg: Config, shutdown: CancellationToken) -> Self {
+        Self::with_metrics(cfg, shutdown, Metrics::new())
+    }
+
+    /// A relay reporting into `metrics` (shared with the HTTP endpoints).
+    pub fn with_metrics(cfg: Config, shutdown: CancellationToken, metrics: Metrics) -> Self {
         Relay {
             cfg,
             shutdown,
+            metrics,
             generation: 0,
             sink: None,
             started: false,
@@ -249,6 +261,8 @@ impl Relay {
         loop {
             let began = Instant::now();
             let result = self.session().await;
+            self.metrics.streaming(false);
+            self.metrics.slot_held(false);
             let err = match result {
                 Ok(SessionEnd::Shutdown) => {
                     if let Some(sink) = self.sink.take() {
@@ -264,9 +278,11 @@ impl Relay {
                 }
                 return Err(err);
             }
+            self.metrics.reconnect();
             if err.rebuild_producer() {
                 if let Some(sink) = self.sink.take() {
                     tracing::warn!("rebuilding the kafka producer");
+                    self.metrics.producer_rebuild();
                     sink.close(Duration::from_millis(100)).await;
                 }
             }
@@ -346,11 +362,22 @@ impl Relay {
         if self.sink.is_none() {
             self.sink = Some(KafkaSink::new(&self.sink_settings())?);
         }
+        self.metrics.streaming(true);
+        self.metrics.slot_held(true);
+        // The SQL connection now samples lag for the metrics and the progress log.
+        let sampler = tokio::spawn(sample_lag(
+            client,
+            pg.slot.clone(),
+            stream.backend_pid(),
+            self.metrics.clone(),
+        ));
+        let _sampler = AbortOnDrop(sampler);
         let sink = self.sink.as_mut().expect("sink was just ensured");
         self.started = true;
 
         let mut session = Session {
             cfg: &cfg,
+            metrics: &self.metrics,
             generation,
             tracker: AckTracker::new(confirmed),
             mapper: OutboxMapper::new(cfg.mapping.clone(), pg.table.clone()),
@@ -370,9 +397,47 @@ impl Relay {
     }
 }
 
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Samples the slot over SQL for the lag gauges, and writes the progress log.
+async fn sample_lag(
+    client: crate::sql::SqlConnection,
+    slot: String,
+    our_pid: i32,
+    metrics: Metrics,
+) {
+    let mut sample = tokio::time::interval(LAG_SAMPLE_INTERVAL);
+    let mut progress = tokio::time::interval(PROGRESS_LOG_INTERVAL);
+    progress.tick().await; // the first tick is immediate; skip it
+    let mut log = ProgressLog::new();
+    loop {
+        tokio::select! {
+            _ = sample.tick() => match crate::status::sample_lag(&client, &slot).await {
+                Ok(Some(s)) => {
+                    metrics.slot_sample(&s);
+                    metrics.slot_held(s.active_pid == Some(our_pid));
+                }
+                Ok(None) => metrics.slot_held(false),
+                Err(e) => {
+                    tracing::debug!(error = %e, "lag sample failed");
+                    return;
+                }
+            },
+            _ = progress.tick() => log.log(&metrics),
+        }
+    }
+}
+
 /// State of one streaming session.
 struct Session<'a> {
     cfg: &'a Config,
+    metrics: &'a Metrics,
     generation: u64,
     tracker: AckTracker,
     mapper: OutboxMapper,
@@ -467,11 +532,21 @@ impl Session<'_> {
                 self.window.records -= 1;
                 self.window.bytes -= token.bytes;
                 self.tracker.ack(token.txn)?;
+                self.metrics
+                    .record_acked(latency_since_commit(token.commit_time, SystemTime::now()));
+                self.metrics
+                    .in_flight(self.window.records, self.window.bytes);
+                self.metrics.acked_lsn(self.tracker.flushed());
             }
             SinkEvent::Failed(token, error) => {
                 if token.generation != self.generation {
                     return Ok(());
                 }
+                let class = error
+                    .rdkafka_error_code()
+                    .map(|c| format!("{c:?}"))
+                    .unwrap_or_else(|| "other".to_string());
+                self.metrics.delivery_error(&class);
                 return Err(RelayError::Delivery {
                     topic: String::from("(see producer log)"),
                     error: error.to_string(),
@@ -492,6 +567,11 @@ impl Session<'_> {
             .send_status_update(self.tracker.received(), flushed, flushed, reply_requested)
             .await?;
         self.last_status = Instant::now();
+        self.metrics.status_update_sent();
+        self.metrics.confirmed_lsn(flushed);
+        if let Some(t) = self.tracker.flushed_commit_time() {
+            self.metrics.confirmed_commit_time(t);
+        }
         Ok(())
     }
 
@@ -508,15 +588,17 @@ impl Session<'_> {
                 ..
             } => {
                 self.tracker.keepalive(wal_end);
+                self.metrics.received_lsn(self.tracker.received());
                 if reply_requested {
                     self.send_status(stream, false).await?;
                 }
             }
             ReplicationMessage::XLogData { wal_end, data, .. } => {
                 self.tracker.note_received(wal_end);
+                self.metrics.received_lsn(self.tracker.received());
                 match self.decoder.decode(data)? {
                     Message::Begin(b) => {
-                        self.tracker.begin()?;
+                        self.tracker.begin(b.commit_time)?;
                         self.txn = Some(TxnInfo {
                             xid: b.xid,
                             commit_lsn: b.final_lsn,
@@ -526,6 +608,7 @@ impl Session<'_> {
                     Message::Commit(c) => {
                         self.tracker.commit(c.end_lsn)?;
                         self.txn = None;
+                        self.metrics.sent_lsn(c.end_lsn);
                     }
                     Message::Relation(r) => self.mapper.on_relation(&r)?,
                     Message::Insert(ins) => {
@@ -545,6 +628,9 @@ impl Session<'_> {
                                 };
                                 self.window.records += 1;
                                 self.window.bytes += token.bytes;
+                                self.metrics.record_produced(&record.topic, token.bytes);
+                                self.metrics
+                                    .in_flight(self.window.records, self.window.bytes);
                                 self.send_record(sink, record, token)?;
                             }
                             Mapped::OtherTable { table } => self.warn_once(table, "insert"),

@@ -121,6 +121,7 @@ pub struct RelayLayer {
     pub reconnect_backoff_min: Option<Duration>,
     #[serde(default, deserialize_with = "units::de_opt_duration")]
     pub reconnect_backoff_max: Option<Duration>,
+    pub http_listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -233,6 +234,7 @@ impl Layer {
                 shutdown_timeout: tr.shutdown_timeout.or(r.shutdown_timeout),
                 reconnect_backoff_min: tr.reconnect_backoff_min.or(r.reconnect_backoff_min),
                 reconnect_backoff_max: tr.reconnect_backoff_max.or(r.reconnect_backoff_max),
+                http_listen: tr.http_listen.or(r.http_listen),
             },
             log: LogLayer {
                 format: top.log.format.or(self.log.format),
@@ -352,6 +354,9 @@ impl Config {
                 reconnect_backoff_max: r
                     .reconnect_backoff_max
                     .unwrap_or(DEFAULT_RECONNECT_BACKOFF_MAX),
+                http_listen: r
+                    .http_listen
+                    .unwrap_or_else(|| super::DEFAULT_HTTP_LISTEN.to_string()),
             },
             log: LogConfig {
                 format: l.format.unwrap_or(DEFAULT_LOG_FORMAT),

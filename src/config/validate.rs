@@ -24,6 +24,7 @@ pub(super) fn validate(cfg: &Config) -> Vec<Problem> {
     kafka(cfg, &mut out);
     mapping(cfg, &mut out);
     relay(cfg, &mut out);
+    http(cfg, &mut out);
     log(cfg, &mut out);
     out
 }
@@ -335,6 +336,19 @@ fn relay(cfg: &Config, out: &mut Vec<Problem>) {
                 "make {} at most {}",
                 setting("relay.reconnect_backoff_min", "reconnect-backoff-min"),
                 setting("relay.reconnect_backoff_max", "reconnect-backoff-max")
+            ),
+        ));
+    }
+}
+
+fn http(cfg: &Config, out: &mut Vec<Problem>) {
+    let listen = &cfg.relay.http_listen;
+    if cfg.relay.http_listen_addr().is_none() && !listen.eq_ignore_ascii_case("off") {
+        out.push(Problem::new(
+            format!("http_listen {listen:?} is not an address"),
+            format!(
+                "set {} to host:port (e.g. 127.0.0.1:9187) or off",
+                setting("relay.http_listen", "http-listen")
             ),
         ));
     }

@@ -1276,6 +1276,9 @@ impl RelayProcess {
         let (out, err) = open_log(&dir.path().join("relay.log"));
         let child = Command::new(Self::binary())
             .args(args)
+            // Many relays run at once in tests: an ephemeral HTTP port each
+            // (a test's own flag or variable still wins).
+            .env("OUTBOX_RELAY_HTTP_LISTEN", "127.0.0.1:0")
             .envs(envs.iter().copied())
             .current_dir(dir.path())
             .stdin(Stdio::null())
