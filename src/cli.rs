@@ -50,6 +50,13 @@ pub enum Command {
     /// publication (no streaming); exit 1 slot missing, 2 invalidated,
     /// 3 retaining more than --max-retained-bytes, 4 server unreadable
     Status(StatusArgs),
+    /// Bookmarks: copies of the slot that retain WAL from a point, to replay from
+    Bookmark(BookmarkArgs),
+    /// Re-publish events: from a bookmark's retained WAL, or from rows still in
+    /// the outbox table; every record carries a `replay` header
+    Replay(ReplayArgs),
+    /// Show events pending in the slot (or a bookmark) without consuming them
+    Peek(PeekArgs),
     /// Demo: relay + sample writer + consumer, with librdkafka's in-process mock
     /// cluster as the broker (scripts/demo.sh starts PostgreSQL for you)
     Demo(DemoArgs),
@@ -63,18 +70,144 @@ impl Command {
             Command::Check(a) => Some(&a.config),
             Command::Demo(a) => Some(&a.config),
             Command::Status(a) => Some(&a.config),
+            Command::Bookmark(a) => Some(a.config()),
+            Command::Replay(a) => Some(&a.config),
+            Command::Peek(a) => Some(&a.config),
         }
     }
 }
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    /// Start at this LSN instead of the slot's confirmed position (one-shot: it
+    /// must be at or above the confirmed position; every transaction committing
+    /// in between is skipped for good, and the relay logs how many rows)
+    #[arg(long, value_name = "LSN", env = "OUTBOX_RELAY_START_LSN")]
+    pub start_lsn: Option<crate::lsn::Lsn>,
     #[command(flatten)]
     pub config: ConfigArgs,
 }
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct BookmarkArgs {
+    #[command(subcommand)]
+    pub action: BookmarkAction,
+}
+
+impl BookmarkArgs {
+    pub fn config(&self) -> &ConfigArgs {
+        match &self.action {
+            BookmarkAction::Create { config, .. }
+            | BookmarkAction::List { config }
+            | BookmarkAction::Drop { config, .. } => config,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BookmarkAction {
+    /// Copy the live slot into <slot>_bookmark_<NAME>; WAL from its position is
+    /// retained until the bookmark is dropped (it shows in `status`)
+    Create {
+        name: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// List bookmarks with their position and retained WAL
+    List {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Drop a bookmark and release the WAL it retains
+    Drop {
+        name: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// Stream the range retained by this bookmark again
+    #[arg(long, value_name = "NAME", env = "OUTBOX_RELAY_FROM_BOOKMARK",
+          conflicts_with_all = ["from_id", "from_time"])]
+    pub from_bookmark: Option<String>,
+    /// With --from-bookmark: stop at this LSN [default: the server's WAL position at start]
+    #[arg(
+        long,
+        value_name = "LSN",
+        env = "OUTBOX_RELAY_TO_LSN",
+        requires = "from_bookmark"
+    )]
+    pub to_lsn: Option<crate::lsn::Lsn>,
+    /// With --from-bookmark: keep the bookmark where it is (nothing is confirmed
+    /// on it, so it can be replayed again) instead of dropping it after success
+    #[arg(long, env = "OUTBOX_RELAY_KEEP_BOOKMARK", requires = "from_bookmark")]
+    pub keep_bookmark: bool,
+    /// Re-publish table rows with id >= this, in id order
+    #[arg(
+        long,
+        value_name = "ID",
+        env = "OUTBOX_RELAY_FROM_ID",
+        conflicts_with = "from_time"
+    )]
+    pub from_id: Option<String>,
+    /// With --from-id: last id to include
+    #[arg(
+        long,
+        value_name = "ID",
+        env = "OUTBOX_RELAY_TO_ID",
+        requires = "from_id"
+    )]
+    pub to_id: Option<String>,
+    /// Re-publish table rows with <time column> >= this timestamp, in time order
+    #[arg(long, value_name = "TIMESTAMP", env = "OUTBOX_RELAY_FROM_TIME")]
+    pub from_time: Option<String>,
+    /// With --from-time: first timestamp to exclude
+    #[arg(
+        long,
+        value_name = "TIMESTAMP",
+        env = "OUTBOX_RELAY_TO_TIME",
+        requires = "from_time"
+    )]
+    pub to_time: Option<String>,
+    /// With --from-time: the timestamp column [default: created_at]
+    #[arg(
+        long,
+        value_name = "COLUMN",
+        env = "OUTBOX_RELAY_TIME_COLUMN",
+        default_value = "created_at"
+    )]
+    pub time_column: String,
+    /// Send every replayed record to this topic instead of its mapped one
+    #[arg(long, value_name = "TOPIC", env = "OUTBOX_RELAY_TOPIC_OVERRIDE")]
+    pub topic_override: Option<String>,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct PeekArgs {
+    /// How many pending records to show
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 10,
+        env = "OUTBOX_RELAY_LIMIT"
+    )]
+    pub limit: usize,
+    /// Peek this bookmark instead of the live slot (which is busy while the relay runs)
+    #[arg(long, value_name = "NAME", env = "OUTBOX_RELAY_BOOKMARK")]
+    pub bookmark: Option<String>,
+    /// Print JSON lines
+    #[arg(long, env = "OUTBOX_RELAY_PEEK_JSON")]
+    pub json: bool,
     #[command(flatten)]
     pub config: ConfigArgs,
 }
@@ -233,6 +366,49 @@ pub struct KafkaArgs {
         allow_negative_numbers = true
     )]
     pub topic_replication_factor: Option<i32>,
+
+    /// Transport to the brokers: plaintext, ssl, sasl_plaintext, sasl_ssl [default: plaintext;
+    /// ssl when --kafka-ssl-ca/-cert/-key are given]
+    #[arg(
+        long,
+        value_name = "PROTOCOL",
+        env = "OUTBOX_RELAY_KAFKA_SECURITY_PROTOCOL",
+        ignore_case = true
+    )]
+    pub kafka_security_protocol: Option<config::KafkaSecurityProtocol>,
+
+    /// CA certificate(s) to verify the brokers with (PEM file) [default: the system's]
+    #[arg(long, value_name = "FILE", env = "OUTBOX_RELAY_KAFKA_SSL_CA")]
+    pub kafka_ssl_ca: Option<PathBuf>,
+
+    /// Client certificate for TLS client authentication (PEM file)
+    #[arg(long, value_name = "FILE", env = "OUTBOX_RELAY_KAFKA_SSL_CERT")]
+    pub kafka_ssl_cert: Option<PathBuf>,
+
+    /// Private key of --kafka-ssl-cert (PEM file)
+    #[arg(long, value_name = "FILE", env = "OUTBOX_RELAY_KAFKA_SSL_KEY")]
+    pub kafka_ssl_key: Option<PathBuf>,
+
+    /// SASL mechanism: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512
+    #[arg(
+        long,
+        value_name = "MECHANISM",
+        env = "OUTBOX_RELAY_KAFKA_SASL_MECHANISM",
+        ignore_case = true
+    )]
+    pub kafka_sasl_mechanism: Option<config::KafkaSaslMechanism>,
+
+    /// SASL user name
+    #[arg(long, value_name = "USER", env = "OUTBOX_RELAY_KAFKA_SASL_USERNAME")]
+    pub kafka_sasl_username: Option<String>,
+
+    /// File holding the SASL password (or set OUTBOX_RELAY_KAFKA_SASL_PASSWORD)
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "OUTBOX_RELAY_KAFKA_SASL_PASSWORD_FILE"
+    )]
+    pub kafka_sasl_password_file: Option<PathBuf>,
 }
 
 impl fmt::Debug for KafkaArgs {
@@ -248,6 +424,13 @@ impl fmt::Debug for KafkaArgs {
             .field("no_create_topics", &self.no_create_topics)
             .field("topic_partitions", &self.topic_partitions)
             .field("topic_replication_factor", &self.topic_replication_factor)
+            .field("kafka_security_protocol", &self.kafka_security_protocol)
+            .field("kafka_ssl_ca", &self.kafka_ssl_ca)
+            .field("kafka_ssl_cert", &self.kafka_ssl_cert)
+            .field("kafka_ssl_key", &self.kafka_ssl_key)
+            .field("kafka_sasl_mechanism", &self.kafka_sasl_mechanism)
+            .field("kafka_sasl_username", &self.kafka_sasl_username)
+            .field("kafka_sasl_password_file", &self.kafka_sasl_password_file)
             .finish()
     }
 }
@@ -325,6 +508,10 @@ pub struct RelayArgs {
     /// Address for /metrics, /healthz and /readyz, or `off` [default: 127.0.0.1:9187]
     #[arg(long, value_name = "ADDR", env = "OUTBOX_RELAY_HTTP_LISTEN")]
     pub http_listen: Option<String>,
+
+    /// /readyz fails when records are in flight and none was acknowledged for this long [default: 30s]
+    #[arg(long, value_name = "DURATION", env = "OUTBOX_RELAY_READY_STALL_TIMEOUT", value_parser = parse_duration)]
+    pub ready_stall_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Default, Args)]
@@ -387,6 +574,14 @@ impl ConfigArgs {
                 create_topics: k.no_create_topics.map(|no| !no),
                 topic_partitions: k.topic_partitions,
                 topic_replication_factor: k.topic_replication_factor,
+                security_protocol: k.kafka_security_protocol,
+                ssl_ca: k.kafka_ssl_ca.clone(),
+                ssl_cert: k.kafka_ssl_cert.clone(),
+                ssl_key: k.kafka_ssl_key.clone(),
+                sasl_mechanism: k.kafka_sasl_mechanism,
+                sasl_username: k.kafka_sasl_username.clone(),
+                sasl_password: None,
+                sasl_password_file: k.kafka_sasl_password_file.clone(),
             },
             mapping: MappingLayer {
                 id_column: m.id_column.clone(),
@@ -406,6 +601,7 @@ impl ConfigArgs {
                 reconnect_backoff_min: r.reconnect_backoff_min,
                 reconnect_backoff_max: r.reconnect_backoff_max,
                 http_listen: r.http_listen.clone(),
+                ready_stall_timeout: r.ready_stall_timeout,
             },
             log: LogLayer {
                 format: l.log_format,
@@ -464,13 +660,19 @@ pub fn load_with_env(cli: &Cli, env: &BTreeMap<String, String>) -> Result<Config
         match cli.command {
             // The demo brings its own in-process broker and fills this in.
             Command::Demo(_) => top.kafka.brokers = Some("demo-mock-cluster:9092".to_string()),
-            // Status reads PostgreSQL only.
-            Command::Status(_) => top.kafka.brokers = Some("unused-by-status:9092".to_string()),
+            // These read PostgreSQL only.
+            Command::Status(_) | Command::Bookmark(_) | Command::Peek(_) => {
+                top.kafka.brokers = Some("unused-by-this-command:9092".to_string())
+            }
             _ => {}
         }
     }
     top.postgres.password = env
         .get(ENV_POSTGRES_PASSWORD)
+        .filter(|p| !p.is_empty())
+        .cloned();
+    top.kafka.sasl_password = env
+        .get(config::ENV_KAFKA_SASL_PASSWORD)
         .filter(|p| !p.is_empty())
         .cloned();
     match Config::from_layer(file.overlay(top)) {
@@ -495,7 +697,10 @@ pub fn known_env_vars() -> Vec<String> {
             walk(sub, out);
         }
     }
-    let mut names = vec![ENV_POSTGRES_PASSWORD.to_string()];
+    let mut names = vec![
+        ENV_POSTGRES_PASSWORD.to_string(),
+        config::ENV_KAFKA_SASL_PASSWORD.to_string(),
+    ];
     walk(&Cli::command(), &mut names);
     names.sort();
     names.dedup();

@@ -24,6 +24,7 @@ use serde::Deserialize;
 
 mod conninfo;
 mod ident;
+mod kafka_security;
 mod layer;
 mod units;
 mod validate;
@@ -32,6 +33,8 @@ pub use layer::{KafkaLayer, Layer, LogLayer, MappingLayer, PostgresLayer, RelayL
 
 pub use conninfo::redact as redact_connection_string;
 pub use ident::{quote_ident, quote_literal, ParseTableNameError, TableName, MAX_IDENTIFIER_BYTES};
+use kafka_security::KafkaSecurity;
+pub use kafka_security::{KafkaSaslMechanism, KafkaSecurityProtocol};
 pub use units::{format_byte_size, format_duration, parse_byte_size, parse_duration};
 
 // ---------------------------------------------------------------------------
@@ -42,6 +45,8 @@ pub use units::{format_byte_size, format_duration, parse_byte_size, parse_durati
 pub const ENV_PREFIX: &str = "OUTBOX_RELAY_";
 /// The PostgreSQL password, kept out of the URL and of `ps` (environment only; no flag).
 pub const ENV_POSTGRES_PASSWORD: &str = "OUTBOX_RELAY_POSTGRES_PASSWORD";
+/// The Kafka SASL password (environment only; or `--kafka-sasl-password-file`).
+pub const ENV_KAFKA_SASL_PASSWORD: &str = "OUTBOX_RELAY_KAFKA_SASL_PASSWORD";
 
 pub const DEFAULT_SLOT: &str = "outbox_relay";
 pub const DEFAULT_PUBLICATION: &str = "outbox_relay";
@@ -85,6 +90,8 @@ pub const DEFAULT_RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(500);
 pub const DEFAULT_RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Address of the /metrics, /healthz and /readyz listener; `off` disables it.
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9187";
+/// `/readyz` fails when records are in flight and no acknowledgement came for this long.
+pub const DEFAULT_READY_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub const DEFAULT_LOG_FORMAT: LogFormat = LogFormat::Text;
 /// A `tracing_subscriber::EnvFilter` directive.
@@ -160,6 +167,8 @@ pub struct RelayConfig {
     pub reconnect_backoff_max: Duration,
     /// `host:port` of the HTTP listener, or `off`.
     pub http_listen: String,
+    /// See [`DEFAULT_READY_STALL_TIMEOUT`].
+    pub ready_stall_timeout: Duration,
 }
 
 impl RelayConfig {
@@ -243,6 +252,7 @@ impl Default for RelayConfig {
             reconnect_backoff_min: DEFAULT_RECONNECT_BACKOFF_MIN,
             reconnect_backoff_max: DEFAULT_RECONNECT_BACKOFF_MAX,
             http_listen: DEFAULT_HTTP_LISTEN.to_string(),
+            ready_stall_timeout: DEFAULT_READY_STALL_TIMEOUT,
         }
     }
 }
@@ -279,9 +289,9 @@ impl PostgresConfig {
     pub fn replication_connect_config(
         &self,
     ) -> Result<crate::replication::ConnectConfig, ConfigError> {
-        let pg = conninfo::parse(&self.url, self.password.as_deref())
+        let ci = conninfo::parse(&self.url, self.password.as_deref())
             .map_err(|p| ConfigError::Invalid(vec![p]))?;
-        let ep = conninfo::endpoint(&pg).map_err(ConfigError::Invalid)?;
+        let ep = conninfo::endpoint(&ci).map_err(ConfigError::Invalid)?;
         Ok(crate::replication::ConnectConfig {
             host: ep.host,
             port: ep.port,
@@ -291,16 +301,31 @@ impl PostgresConfig {
             application_name: self.application_name.clone(),
             connect_timeout: self.connect_timeout,
             max_frame_bytes: self.max_frame_bytes,
+            tls: ep.tls,
         })
+    }
+
+    /// How both connections use TLS: the URL's `sslmode`, `sslrootcert`,
+    /// `sslcert`, `sslkey`, `sslnegotiation` and `channel_binding` (libpq meanings).
+    pub fn tls_options(&self) -> Result<crate::replication::TlsOptions, ConfigError> {
+        Ok(self.replication_connect_config()?.tls)
     }
 
     /// A `tokio_postgres` configuration for ordinary SQL (checks, status) against the
     /// same server, with the password override, `application_name` and timeout.
     pub fn sql_config(&self) -> Result<tokio_postgres::Config, ConfigError> {
         let mut pg = conninfo::parse(&self.url, self.password.as_deref())
-            .map_err(|p| ConfigError::Invalid(vec![p]))?;
+            .map_err(|p| ConfigError::Invalid(vec![p]))?
+            .pg;
         pg.application_name(&self.application_name);
         pg.connect_timeout(self.connect_timeout);
+        // tokio-postgres wants a host name for TLS; with only `hostaddr` the
+        // certificate is checked against the address, as on the replication side.
+        if pg.get_hosts().is_empty() {
+            if let Some(addr) = pg.get_hostaddrs().first().copied() {
+                pg.host(&addr.to_string());
+            }
+        }
         Ok(pg)
     }
 

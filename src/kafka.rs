@@ -125,8 +125,9 @@ pub struct KafkaSink {
     replication_factor: i32,
 }
 
-/// How to build a [`KafkaSink`].
-#[derive(Debug, Clone)]
+/// How to build a [`KafkaSink`]. `properties` may hold secrets (`sasl.password`,
+/// rendered from the typed `kafka.sasl_*` settings): `Debug` redacts them.
+#[derive(Clone)]
 pub struct SinkSettings {
     pub brokers: String,
     pub properties: BTreeMap<String, String>,
@@ -135,6 +136,24 @@ pub struct SinkSettings {
     pub topic_replication_factor: i32,
     /// The relay's in-flight record window; the producer queue is sized to hold it.
     pub max_in_flight_records: usize,
+}
+
+impl std::fmt::Debug for SinkSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let props = crate::config::redacted_properties(
+            self.properties
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        );
+        f.debug_struct("SinkSettings")
+            .field("brokers", &self.brokers)
+            .field("properties", &props)
+            .field("create_topics", &self.create_topics)
+            .field("topic_partitions", &self.topic_partitions)
+            .field("topic_replication_factor", &self.topic_replication_factor)
+            .field("max_in_flight_records", &self.max_in_flight_records)
+            .finish()
+    }
 }
 
 impl SinkSettings {

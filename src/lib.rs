@@ -63,6 +63,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod pgoutput;
 pub mod relay;
+pub mod replay;
 pub mod replication;
 pub mod setup;
 pub mod sql;

@@ -8,10 +8,12 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use outbox_relay::cli::{self, Cli, Command};
+use outbox_relay::cli::{BookmarkAction, PeekArgs, ReplayArgs};
 use outbox_relay::config::{Config, LogFormat};
 use outbox_relay::demo::{self, DemoOptions};
-use outbox_relay::metrics::Metrics;
-use outbox_relay::relay::Relay;
+use outbox_relay::metrics::{Metrics, MetricsOptions};
+use outbox_relay::relay::{Relay, StreamOptions};
+use outbox_relay::replay::{self, BookmarkReplay, TableRange};
 use outbox_relay::{http, setup, status};
 
 /// Exit codes: 0 success, 1 runtime failure (or `check` found problems),
@@ -35,7 +37,10 @@ fn main() -> ExitCode {
         .expect("the tokio runtime starts");
     runtime.block_on(async move {
         match cli.command {
-            Command::Run(_) => run(cfg).await,
+            Command::Run(args) => run(cfg, args.start_lsn).await,
+            Command::Bookmark(args) => bookmark(cfg, args.action).await,
+            Command::Replay(args) => replay_cmd(cfg, args).await,
+            Command::Peek(args) => peek(cfg, args).await,
             Command::Check(_) => check(cfg).await,
             Command::Status(args) => status(cfg, args.json, args.max_retained_bytes).await,
             Command::Demo(args) => {
@@ -60,6 +65,7 @@ fn init_tracing(cfg: &Config) {
         .unwrap_or_else(|_| EnvFilter::new(cfg.log.filter.as_str()));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match cfg.log.format {
         LogFormat::Json => builder.json().init(),
@@ -84,7 +90,7 @@ fn shutdown_signal() -> CancellationToken {
     token
 }
 
-async fn run(cfg: Config) -> ExitCode {
+async fn run(cfg: Config, start_lsn: Option<outbox_relay::Lsn>) -> ExitCode {
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         postgres = %cfg.postgres.redacted_url(),
@@ -92,7 +98,10 @@ async fn run(cfg: Config) -> ExitCode {
         slot = %cfg.postgres.slot,
         "outbox-relay starting"
     );
-    let metrics = Metrics::new();
+    let metrics = Metrics::with_options(MetricsOptions {
+        stall_timeout: cfg.relay.ready_stall_timeout,
+        ..MetricsOptions::default()
+    });
     let http_stop = CancellationToken::new();
     if let Some(addr) = cfg.relay.http_listen_addr() {
         match http::bind(addr).await {
@@ -111,6 +120,10 @@ async fn run(cfg: Config) -> ExitCode {
         }
     }
     let result = Relay::with_metrics(cfg, shutdown_signal(), metrics)
+        .stream_options(StreamOptions {
+            start_lsn,
+            ..StreamOptions::default()
+        })
         .run()
         .await;
     http_stop.cancel();
@@ -123,6 +136,121 @@ async fn run(cfg: Config) -> ExitCode {
             tracing::error!("{e}");
             ExitCode::from(EXIT_FAILURE)
         }
+    }
+}
+
+fn fail(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(EXIT_FAILURE)
+}
+
+async fn bookmark(cfg: Config, action: BookmarkAction) -> ExitCode {
+    match action {
+        BookmarkAction::Create { name, .. } => match replay::create_bookmark(&cfg, &name).await {
+            Ok((slot, lsn)) => {
+                println!("bookmark {name} created: slot {slot} at {lsn}; it retains WAL until dropped (outbox-relay bookmark drop {name})");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        BookmarkAction::Drop { name, .. } => match replay::drop_bookmark(&cfg, &name).await {
+            Ok(()) => {
+                println!("bookmark {name} dropped");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        BookmarkAction::List { .. } => {
+            let client = match outbox_relay::sql::connect(&cfg.postgres).await {
+                Ok(c) => c,
+                Err(e) => return fail(e),
+            };
+            match status::collect(&client, &cfg.postgres.slot, &cfg.postgres.publication).await {
+                Ok(s) => {
+                    if s.bookmarks.is_empty() {
+                        println!("no bookmarks for slot {}", cfg.postgres.slot);
+                    }
+                    for b in &s.bookmarks {
+                        println!("{}", serde_json::to_string(b).unwrap_or_default());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(setup::describe_pg_error(&e)),
+            }
+        }
+    }
+}
+
+async fn replay_cmd(cfg: Config, args: ReplayArgs) -> ExitCode {
+    if let Some(name) = args.from_bookmark {
+        let opts = BookmarkReplay {
+            name,
+            to_lsn: args.to_lsn,
+            topic_override: args.topic_override,
+            keep: args.keep_bookmark,
+        };
+        return match replay::replay_bookmark(&cfg, &opts, shutdown_signal()).await {
+            Ok(end) => {
+                println!("replayed bookmark {} up to {end}", opts.name);
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        };
+    }
+    let range = match (args.from_id, args.from_time) {
+        (Some(from), None) => TableRange::Id {
+            from,
+            to: args.to_id,
+        },
+        (None, Some(from)) => TableRange::Time {
+            column: args.time_column,
+            from,
+            to: args.to_time,
+        },
+        _ => {
+            eprintln!("error: say what to replay: --from-bookmark NAME, --from-id ID or --from-time TIMESTAMP");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match replay::replay_table(&cfg, &range, args.topic_override).await {
+        Ok(n) => {
+            println!("replayed {n} rows from {}", cfg.postgres.table);
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+async fn peek(cfg: Config, args: PeekArgs) -> ExitCode {
+    let slot = match &args.bookmark {
+        Some(name) => match replay::bookmark_slot(&cfg.postgres.slot, name) {
+            Ok(s) => s,
+            Err(e) => return fail(e),
+        },
+        None => cfg.postgres.slot.clone(),
+    };
+    match replay::peek(&cfg, &slot, args.limit).await {
+        Ok(records) => {
+            for r in &records {
+                if args.json {
+                    println!("{}", serde_json::to_string(r).unwrap_or_default());
+                } else {
+                    println!(
+                        "{} {} key={} id={} payload={}",
+                        r.lsn,
+                        r.topic,
+                        r.key.as_deref().unwrap_or("-"),
+                        r.id.as_deref().unwrap_or("-"),
+                        r.payload.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+            if records.is_empty() && !args.json {
+                println!("no pending events in slot {slot}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
     }
 }
 

@@ -100,6 +100,12 @@ pub enum RelayError {
     Unexpected(&'static str),
     #[error("PostgreSQL ended the replication stream")]
     StreamEnded,
+    #[error("--start-lsn {start} is below slot {slot:?}'s confirmed position {confirmed}: PostgreSQL cannot rewind a logical slot, and everything below {confirmed} was already delivered. To re-publish older events use a bookmark (outbox-relay bookmark create, then replay --from-bookmark) or table replay (replay --from-id/--from-time)")]
+    StartBelowConfirmed {
+        start: Lsn,
+        confirmed: Lsn,
+        slot: String,
+    },
     #[error("PostgreSQL sent nothing for {0:?} although asked for keepalives; the connection is presumed dead")]
     ServerSilent(Duration),
 }
@@ -122,6 +128,7 @@ impl RelayError {
             | RelayError::SlotMissing { .. }
             | RelayError::SlotInvalidated { .. }
             | RelayError::SlotPlugin { .. }
+            | RelayError::StartBelowConfirmed { .. }
             | RelayError::Unexpected(_) => Fatal,
             RelayError::Mapping(_) => Fatal,
             RelayError::Setup(e) => {
@@ -184,7 +191,45 @@ fn sqlstate_disposition(code: &str) -> Disposition {
 
 /// How a session ended without error.
 enum SessionEnd {
+    /// Stopped by the shutdown signal.
     Shutdown,
+    /// Reached [`StreamOptions::end_lsn`].
+    Finished,
+}
+
+/// Header marking records re-published by `replay`.
+pub const HEADER_REPLAY: &str = "replay";
+
+/// Where a stream starts and ends, and what it confirms. The defaults are the
+/// live relay: from the slot's confirmed position, forever, confirming.
+#[derive(Debug, Clone)]
+pub struct StreamOptions {
+    /// Start here instead of at the slot's confirmed position. Must not be
+    /// below it (PostgreSQL cannot rewind a logical slot); above it, every
+    /// transaction committing in between is skipped for good.
+    pub start_lsn: Option<Lsn>,
+    /// Stop once every transaction committing below this position is
+    /// acknowledged (replay).
+    pub end_lsn: Option<Lsn>,
+    /// Confirm progress to PostgreSQL. `false` leaves the slot where it is
+    /// (a kept bookmark can be replayed again).
+    pub confirm: bool,
+    /// Value of the `replay` header on every record (replay).
+    pub replay_header: Option<String>,
+    /// Send every record to this topic instead of the mapped one (replay).
+    pub topic_override: Option<String>,
+}
+
+impl Default for StreamOptions {
+    fn default() -> Self {
+        StreamOptions {
+            start_lsn: None,
+            end_lsn: None,
+            confirm: true,
+            replay_header: None,
+            topic_override: None,
+        }
+    }
 }
 
 /// Which pgoutput options to send, from the server version. Streaming stays
@@ -220,6 +265,7 @@ pub struct Relay {
     cfg: Config,
     shutdown: CancellationToken,
     metrics: Metrics,
+    opts: StreamOptions,
     generation: u64,
     sink: Option<KafkaSink>,
     started: bool,
@@ -236,10 +282,17 @@ impl Relay {
             cfg,
             shutdown,
             metrics,
+            opts: StreamOptions::default(),
             generation: 0,
             sink: None,
             started: false,
         }
+    }
+
+    /// Start, end and confirmation behaviour (see [`StreamOptions`]).
+    pub fn stream_options(mut self, opts: StreamOptions) -> Self {
+        self.opts = opts;
+        self
     }
 
     fn sink_settings(&self) -> SinkSettings {
@@ -264,7 +317,7 @@ impl Relay {
             self.metrics.streaming(false);
             self.metrics.slot_held(false);
             let err = match result {
-                Ok(SessionEnd::Shutdown) => {
+                Ok(SessionEnd::Shutdown) | Ok(SessionEnd::Finished) => {
                     if let Some(sink) = self.sink.take() {
                         sink.close(Duration::from_secs(1)).await;
                     }
@@ -354,10 +407,27 @@ impl Relay {
             }
         };
         let options = pgoutput_options(version, &pg.publication);
+        let start = match self.opts.start_lsn {
+            Some(start) if start < confirmed => {
+                return Err(RelayError::StartBelowConfirmed {
+                    start,
+                    confirmed,
+                    slot: pg.slot.clone(),
+                })
+            }
+            Some(start) if start > confirmed => {
+                if !self.started {
+                    warn_skipped(&client, pg, confirmed, start).await;
+                }
+                start
+            }
+            _ => Lsn::ZERO,
+        };
         let mut stream = repl
-            .start_logical_replication(&pg.slot, Lsn::ZERO, &options)
+            .start_logical_replication(&pg.slot, start, &options)
             .await?;
-        tracing::info!(slot = %pg.slot, from = %confirmed, server_version = version, "streaming");
+        let from = if start.is_zero() { confirmed } else { start };
+        tracing::info!(slot = %pg.slot, from = %from, server_version = version, "streaming");
 
         if self.sink.is_none() {
             self.sink = Some(KafkaSink::new(&self.sink_settings())?);
@@ -377,6 +447,9 @@ impl Relay {
 
         let mut session = Session {
             cfg: &cfg,
+            opts: &self.opts,
+            hold_at: confirmed,
+            finished: false,
             metrics: &self.metrics,
             generation,
             tracker: AckTracker::new(confirmed),
@@ -390,10 +463,43 @@ impl Relay {
             last_status: Instant::now(),
         };
         session.run(&mut stream, sink, &self.shutdown).await?;
+        let finished = session.finished;
         if let Err(e) = stream.finish(FINISH_TIMEOUT).await {
             tracing::debug!(error = %e, "replication stream did not finish cleanly");
         }
-        Ok(SessionEnd::Shutdown)
+        Ok(if finished {
+            SessionEnd::Finished
+        } else {
+            SessionEnd::Shutdown
+        })
+    }
+}
+
+/// `--start-lsn` above the confirmed position: say what will be skipped,
+/// counting the outbox rows in between with a (non-consuming) peek.
+async fn warn_skipped(
+    client: &tokio_postgres::Client,
+    pg: &crate::config::PostgresConfig,
+    confirmed: Lsn,
+    start: Lsn,
+) {
+    let count = client
+        .query_one(
+            "SELECT count(*) FROM pg_logical_slot_peek_binary_changes($1, $2::text::pg_lsn, NULL, \
+             'proto_version', '1', 'publication_names', $3) WHERE get_byte(data, 0) = 73",
+            &[&pg.slot, &start.to_string(), &pg.publication],
+        )
+        .await
+        .map(|row| row.get::<_, i64>(0));
+    match count {
+        Ok(n) => tracing::warn!(
+            from = %confirmed, to = %start, skipped_rows = n,
+            "--start-lsn skips every transaction committing between the slot's confirmed position and the start position, for good"
+        ),
+        Err(e) => tracing::warn!(
+            from = %confirmed, to = %start, error = %crate::setup::describe_pg_error(&e),
+            "--start-lsn skips every transaction committing between the slot's confirmed position and the start position, for good (could not count them)"
+        ),
     }
 }
 
@@ -437,6 +543,11 @@ async fn sample_lag(
 /// State of one streaming session.
 struct Session<'a> {
     cfg: &'a Config,
+    opts: &'a StreamOptions,
+    /// With `confirm` off, the position status updates keep reporting.
+    hold_at: Lsn,
+    /// The end position was reached: drain and stop.
+    finished: bool,
     metrics: &'a Metrics,
     generation: u64,
     tracker: AckTracker,
@@ -465,6 +576,11 @@ impl Session<'_> {
         let mut last_heard = Instant::now();
 
         loop {
+            if self.finished && draining.is_none() {
+                tracing::info!(end = ?self.opts.end_lsn, "end position reached: draining");
+                self.queued = None;
+                draining = Some(tokio::time::Instant::now() + relay_cfg.shutdown_timeout);
+            }
             if let Some(deadline) = draining {
                 if self.tracker.pending_records() == 0 {
                     break;
@@ -562,7 +678,11 @@ impl Session<'_> {
         stream: &mut ReplicationStream,
         reply_requested: bool,
     ) -> Result<(), RelayError> {
-        let flushed = self.tracker.flushed();
+        let flushed = if self.opts.confirm {
+            self.tracker.flushed()
+        } else {
+            self.hold_at
+        };
         stream
             .send_status_update(self.tracker.received(), flushed, flushed, reply_requested)
             .await?;
@@ -589,6 +709,9 @@ impl Session<'_> {
             } => {
                 self.tracker.keepalive(wal_end);
                 self.metrics.received_lsn(self.tracker.received());
+                if self.opts.end_lsn.is_some_and(|end| wal_end >= end) && self.txn.is_none() {
+                    self.finished = true;
+                }
                 if reply_requested {
                     self.send_status(stream, false).await?;
                 }
@@ -598,6 +721,10 @@ impl Session<'_> {
                 self.metrics.received_lsn(self.tracker.received());
                 match self.decoder.decode(data)? {
                     Message::Begin(b) => {
+                        if self.opts.end_lsn.is_some_and(|end| b.final_lsn >= end) {
+                            self.finished = true;
+                            return Ok(());
+                        }
                         self.tracker.begin(b.commit_time)?;
                         self.txn = Some(TxnInfo {
                             xid: b.xid,
@@ -614,7 +741,16 @@ impl Session<'_> {
                     Message::Insert(ins) => {
                         let txn = self.txn.ok_or(AckError::NoOpenTransaction("Insert"))?;
                         match self.mapper.map_insert(&ins, &txn)? {
-                            Mapped::Record(record) => {
+                            Mapped::Record(mut record) => {
+                                if let Some(topic) = &self.opts.topic_override {
+                                    record.topic = Arc::from(topic.as_str());
+                                }
+                                if let Some(replay) = &self.opts.replay_header {
+                                    record.headers.push((
+                                        Arc::from(HEADER_REPLAY),
+                                        bytes::Bytes::from(replay.clone()),
+                                    ));
+                                }
                                 if !self.known_topics.contains(&record.topic) {
                                     sink.prepare_topic(&record.topic).await?;
                                     self.known_topics.insert(record.topic.clone());

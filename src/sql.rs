@@ -1,9 +1,22 @@
 //! Ordinary SQL connections (tokio-postgres) for checks, setup, status and lag
-//! sampling. One place opens them, so transport security is decided once.
+//! sampling. One place opens them, so transport security is decided once: the
+//! same `sslmode` semantics, certificates and channel binding as the replication
+//! connection ([`crate::replication::tls`]), plugged into tokio-postgres as a
+//! [`MakeTlsConnect`].
 
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::task::JoinHandle;
+use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
 
-use crate::config::{ConfigError, PostgresConfig};
+use crate::config::{ConfigError, PostgresConfig, Problem};
+use crate::replication::tls::{self, SslMode, TlsOptions};
 
 /// A client plus the task driving its connection; dropping it closes both.
 pub struct SqlConnection {
@@ -36,11 +49,136 @@ pub enum SqlConnectError {
 /// Open an ordinary SQL connection as configured.
 pub async fn connect(cfg: &PostgresConfig) -> Result<SqlConnection, SqlConnectError> {
     let config = cfg.sql_config()?;
-    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
-    let task = tokio::spawn(async move {
+    let opts = cfg.tls_options()?;
+    let (client, task) = if opts.mode == SslMode::Disable {
+        let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+        (client, spawn(connection))
+    } else {
+        let connector = RustlsConnect::new(&opts).map_err(|e| {
+            ConfigError::Invalid(vec![Problem::new(
+                format!("PostgreSQL TLS: {e}"),
+                "fix the sslrootcert / sslcert / sslkey paths in postgres.url, or the files' \
+                 permissions",
+            )])
+        })?;
+        let (client, connection) = config.connect(connector).await?;
+        (client, spawn(connection))
+    };
+    Ok(SqlConnection { client, task })
+}
+
+fn spawn<F>(connection: F) -> JoinHandle<()>
+where
+    F: Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "sql connection ended");
         }
-    });
-    Ok(SqlConnection { client, task })
+    })
+}
+
+/// tokio-postgres' TLS hook on our rustls configuration. The certificate is
+/// checked against `host` of the URL (as libpq does), whatever name
+/// tokio-postgres passes.
+#[derive(Clone)]
+struct RustlsConnect {
+    config: Arc<rustls::ClientConfig>,
+    name: ServerName<'static>,
+    opts: Arc<TlsOptions>,
+}
+
+impl RustlsConnect {
+    fn new(opts: &TlsOptions) -> Result<Self, tls::TlsError> {
+        Ok(RustlsConnect {
+            config: tls::client_config(opts)?,
+            name: tls::server_name(opts)?,
+            opts: Arc::new(opts.clone()),
+        })
+    }
+}
+
+impl<S> MakeTlsConnect<S> for RustlsConnect
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = RustlsStream<S>;
+    type TlsConnect = RustlsConnect;
+    type Error = io::Error;
+
+    fn make_tls_connect(&mut self, _domain: &str) -> Result<RustlsConnect, io::Error> {
+        Ok(self.clone())
+    }
+}
+
+impl<S> TlsConnect<S> for RustlsConnect
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = RustlsStream<S>;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = Pin<Box<dyn Future<Output = Result<RustlsStream<S>, Self::Error>> + Send>>;
+
+    fn connect(self, stream: S) -> Self::Future {
+        Box::pin(async move {
+            let connector = tokio_rustls::TlsConnector::from(self.config);
+            let tls = connector.connect(self.name, stream).await.map_err(|e| {
+                match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                    Some(t) => tls::describe_handshake_error(t, &self.opts).into(),
+                    None => Box::new(e) as Self::Error,
+                }
+            })?;
+            let end_point = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|cert| tls::tls_server_end_point(cert));
+            Ok(RustlsStream { tls, end_point })
+        })
+    }
+}
+
+/// A TLS stream that can tell tokio-postgres its channel binding data, so it
+/// chooses SCRAM-SHA-256-PLUS when the server offers it.
+struct RustlsStream<S> {
+    tls: tokio_rustls::client::TlsStream<S>,
+    end_point: Option<Vec<u8>>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream for RustlsStream<S> {
+    fn channel_binding(&self) -> ChannelBinding {
+        match &self.end_point {
+            Some(hash) => ChannelBinding::tls_server_end_point(hash.clone()),
+            None => ChannelBinding::none(),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for RustlsStream<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for RustlsStream<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_shutdown(cx)
+    }
 }

@@ -242,6 +242,7 @@ async fn check_holder(version: PgVersion) {
         application_name: "status-test-holder".into(),
         connect_timeout: Duration::from_secs(10),
         max_frame_bytes: 16 << 20,
+        tls: Default::default(),
     })
     .await
     .expect("replication connection");

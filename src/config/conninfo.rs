@@ -1,16 +1,49 @@
 //! `postgres.url`: parsing (URL or `key=value` form, through `tokio_postgres`), the
-//! one server the relay talks to, and redaction for logs.
+//! one server the relay talks to, its TLS settings, and redaction for logs.
+//!
+//! tokio-postgres knows `sslmode` only up to `require` and none of `sslrootcert`,
+//! `sslcert`, `sslkey`; those are taken out of the text here ([`split_ssl_params`])
+//! with libpq's meaning, and the rest goes to tokio-postgres.
 
-use tokio_postgres::config::{ChannelBinding, Host, SslMode};
+use std::path::PathBuf;
+
+use tokio_postgres::config::{ChannelBinding, Host, SslMode as PgSslMode, SslNegotiation};
 
 use super::Problem;
+use crate::replication::{ChannelBindingMode, RootCert, SslMode, TlsOptions};
 
 const URL_FIX: &str = "write a URL like postgres://USER:PASSWORD@HOST:5432/DBNAME, or key=value \
                        pairs like 'host=HOST port=5432 user=USER dbname=DBNAME'";
 
+/// The libpq TLS parameters tokio-postgres does not take, as written.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct SslParams {
+    pub mode: Option<String>,
+    pub root_cert: Option<String>,
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    /// `sslpassword`: only noted, to refuse it with a reason.
+    pub key_password: bool,
+}
+
+/// `postgres.url`, parsed: tokio-postgres' view (with `sslmode` mapped onto its
+/// three modes) and the TLS parameters.
+/// `Debug` is safe: tokio-postgres redacts the password in its own.
+#[derive(Clone, Debug)]
+pub(crate) struct Conninfo {
+    pub pg: tokio_postgres::Config,
+    pub ssl: SslParams,
+}
+
 /// Parses `postgres.url` and applies the password given apart from it (which wins).
-pub(crate) fn parse(url: &str, password: Option<&str>) -> Result<tokio_postgres::Config, Problem> {
-    let mut pg: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| {
+pub(crate) fn parse(url: &str, password: Option<&str>) -> Result<Conninfo, Problem> {
+    let (rest, ssl) = split_ssl_params(url).ok_or_else(|| {
+        Problem::new(
+            "postgres.url is not a valid connection string (unbalanced quotes or a missing '=')",
+            URL_FIX,
+        )
+    })?;
+    let mut pg: tokio_postgres::Config = rest.parse().map_err(|e: tokio_postgres::Error| {
         // The error's own Display is only "invalid connection string"; the reason is in
         // its source. Neither contains the password.
         let reason = std::error::Error::source(&e)
@@ -24,7 +57,90 @@ pub(crate) fn parse(url: &str, password: Option<&str>) -> Result<tokio_postgres:
     if let Some(pw) = password {
         pg.password(pw);
     }
-    Ok(pg)
+    // tokio-postgres negotiates; the verification is ours (see crate::sql).
+    pg.ssl_mode(match ssl_mode(&ssl) {
+        Ok(SslMode::Disable) => PgSslMode::Disable,
+        Ok(SslMode::Prefer) | Err(_) => PgSslMode::Prefer,
+        Ok(_) => PgSslMode::Require,
+    });
+    Ok(Conninfo { pg, ssl })
+}
+
+/// The effective sslmode: as written, else `verify-full` with
+/// `sslrootcert=system` (libpq 16), else libpq's default `prefer`.
+fn ssl_mode(ssl: &SslParams) -> Result<SslMode, String> {
+    match ssl.mode.as_deref() {
+        None if ssl.root_cert.as_deref() == Some("system") => Ok(SslMode::VerifyFull),
+        None => Ok(SslMode::Prefer),
+        Some(m) => SslMode::parse(m).ok_or_else(|| m.to_string()),
+    }
+}
+
+/// Takes `sslmode`, `sslrootcert`, `sslcert`, `sslkey` and `sslpassword` out of a
+/// URL's query or a `key=value` string; `None` if the text cannot be tokenized.
+pub(crate) fn split_ssl_params(url: &str) -> Option<(String, SslParams)> {
+    let mut ssl = SslParams::default();
+    let mut take = |key: &str, value: String| -> bool {
+        match key {
+            "sslmode" => ssl.mode = Some(value),
+            "sslrootcert" => ssl.root_cert = Some(value),
+            "sslcert" => ssl.cert = Some(value),
+            "sslkey" => ssl.key = Some(value),
+            "sslpassword" => ssl.key_password = true,
+            _ => return false,
+        }
+        true
+    };
+    let trimmed = url.trim_start();
+    let is_url = ["postgres://", "postgresql://"]
+        .iter()
+        .any(|p| trimmed.starts_with(p));
+    if is_url {
+        let Some((base, query)) = url.split_once('?') else {
+            return Some((url.to_string(), ssl));
+        };
+        let kept: Vec<&str> = query
+            .split('&')
+            .filter(|kv| {
+                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                let (Some(k), Some(v)) = (percent_decode(k), percent_decode(v)) else {
+                    return true; // tokio-postgres reports it
+                };
+                !take(&k, v)
+            })
+            .collect();
+        let rest = if kept.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        Some((rest, ssl))
+    } else {
+        let pairs = key_value_pairs(url)?;
+        let kept: Vec<&str> = pairs
+            .iter()
+            .filter(|p| !take(p.key, p.value.clone()))
+            .map(|p| &url[p.start..p.end])
+            .collect();
+        Some((kept.join(" "), ssl))
+    }
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// The server, role and database of the replication connection; the SQL connection
@@ -36,6 +152,7 @@ pub(crate) struct Endpoint {
     pub user: String,
     pub password: Option<String>,
     pub dbname: String,
+    pub tls: TlsOptions,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -46,12 +163,14 @@ impl std::fmt::Debug for Endpoint {
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("dbname", &self.dbname)
+            .field("tls", &self.tls)
             .finish()
     }
 }
 
 /// Everything the replication connection cannot use, all at once.
-pub(crate) fn endpoint(pg: &tokio_postgres::Config) -> Result<Endpoint, Vec<Problem>> {
+pub(crate) fn endpoint(ci: &Conninfo) -> Result<Endpoint, Vec<Problem>> {
+    let pg = &ci.pg;
     let mut problems = Vec::new();
     let hosts = pg.get_hosts();
     let unix: Vec<String> = hosts
@@ -87,19 +206,7 @@ pub(crate) fn endpoint(pg: &tokio_postgres::Config) -> Result<Endpoint, Vec<Prob
              reach the same server",
         ));
     }
-    if pg.get_ssl_mode() == SslMode::Require {
-        problems.push(Problem::new(
-            "postgres.url requires TLS (sslmode=require), which the replication connection \
-             does not support yet",
-            "use sslmode=prefer or sslmode=disable on a trusted network",
-        ));
-    }
-    if pg.get_channel_binding() == ChannelBinding::Require {
-        problems.push(Problem::new(
-            "postgres.url requires channel binding (channel_binding=require), which needs TLS",
-            "use channel_binding=prefer",
-        ));
-    }
+    let tls = tls_options(ci, &mut problems);
     let user = pg.get_user().filter(|u| !u.is_empty());
     if user.is_none() {
         problems.push(Problem::new(
@@ -121,11 +228,17 @@ pub(crate) fn endpoint(pg: &tokio_postgres::Config) -> Result<Endpoint, Vec<Prob
     if !problems.is_empty() {
         return Err(problems);
     }
-    // A `hostaddr` skips name resolution; libpq connects to it, so do we.
-    let host = match (pg.get_hostaddrs().first(), hosts.first()) {
-        (Some(addr), _) => addr.to_string(),
-        (None, Some(Host::Tcp(h))) => h.clone(),
+    // A `hostaddr` skips name resolution; libpq connects to it, so do we. The
+    // certificate is still checked against `host` when there is one.
+    let (host, server_name) = match (pg.get_hostaddrs().first(), hosts.first()) {
+        (Some(addr), Some(Host::Tcp(h))) => (addr.to_string(), h.clone()),
+        (Some(addr), _) => (addr.to_string(), addr.to_string()),
+        (None, Some(Host::Tcp(h))) => (h.clone(), h.clone()),
         (None, _) => unreachable!("no host and Unix hosts were rejected above"),
+    };
+    let tls = TlsOptions {
+        server_name,
+        ..tls.expect("TLS problems were reported above")
     };
     let user = user.expect("a missing user was rejected above").to_string();
     Ok(Endpoint {
@@ -139,7 +252,112 @@ pub(crate) fn endpoint(pg: &tokio_postgres::Config) -> Result<Endpoint, Vec<Prob
             .to_string(),
         user,
         password,
+        tls,
     })
+}
+
+/// The TLS settings of the URL, checked; `None` after pushing what is wrong.
+fn tls_options(ci: &Conninfo, problems: &mut Vec<Problem>) -> Option<TlsOptions> {
+    let ssl = &ci.ssl;
+    let before = problems.len();
+    let mode = match ssl_mode(ssl) {
+        Ok(m) => m,
+        Err(bad) => {
+            let fix = if bad == "allow" {
+                "use sslmode=prefer (outbox-relay does not support allow)".to_string()
+            } else {
+                "use one of disable, prefer, require, verify-ca, verify-full".to_string()
+            };
+            problems.push(Problem::new(
+                format!("postgres.url has an unknown sslmode {bad:?}"),
+                fix,
+            ));
+            SslMode::Prefer
+        }
+    };
+    let path = |v: &str| PathBuf::from(v);
+    let root_cert = match ssl.root_cert.as_deref() {
+        None | Some("") => None,
+        Some("system") => Some(RootCert::System),
+        Some(p) => Some(RootCert::File(path(p))),
+    };
+    if root_cert == Some(RootCert::System) && mode != SslMode::VerifyFull {
+        problems.push(Problem::new(
+            format!("postgres.url has sslrootcert=system with sslmode={mode}"),
+            "use sslmode=verify-full with the system's CAs (any certificate a public CA \
+             signed would pass otherwise), or point sslrootcert at your own CA's file",
+        ));
+    }
+    if mode >= SslMode::VerifyCa && root_cert.is_none() {
+        problems.push(Problem::new(
+            format!("postgres.url has sslmode={mode} but no sslrootcert"),
+            "add sslrootcert=/path/to/ca.pem (the CA that signed the server certificate), or \
+             sslrootcert=system for the system's trusted CAs",
+        ));
+    }
+    let non_empty = |v: &Option<String>| v.as_deref().filter(|v| !v.is_empty()).map(path);
+    let (client_cert, client_key) = (non_empty(&ssl.cert), non_empty(&ssl.key));
+    if client_cert.is_some() != client_key.is_some() {
+        problems.push(Problem::new(
+            "postgres.url sets only one of sslcert and sslkey",
+            "set both: sslcert=/path/client.crt&sslkey=/path/client.key",
+        ));
+    }
+    if ssl.key_password {
+        problems.push(Problem::new(
+            "postgres.url sets sslpassword, but outbox-relay reads only unencrypted keys",
+            "decrypt the key (openssl pkey -in enc.key -out client.key), keep it readable by \
+             the relay only, and drop sslpassword",
+        ));
+    }
+    if mode == SslMode::Disable && (root_cert.is_some() || client_cert.is_some()) {
+        problems.push(Problem::new(
+            "postgres.url sets certificates but sslmode=disable",
+            "drop sslmode=disable (or the certificates)",
+        ));
+    }
+    let direct = ci.pg.get_ssl_negotiation() == SslNegotiation::Direct;
+    if direct && mode < SslMode::Require {
+        problems.push(Problem::new(
+            format!("postgres.url has sslnegotiation=direct with sslmode={mode}"),
+            "direct TLS needs sslmode=require or stricter (libpq's rule)",
+        ));
+    }
+    let channel_binding = match ci.pg.get_channel_binding() {
+        ChannelBinding::Disable => ChannelBindingMode::Disable,
+        ChannelBinding::Require => ChannelBindingMode::Require,
+        _ => ChannelBindingMode::Prefer,
+    };
+    if channel_binding == ChannelBindingMode::Require && mode == SslMode::Disable {
+        problems.push(Problem::new(
+            "postgres.url has channel_binding=require with sslmode=disable",
+            "channel binding needs TLS: use sslmode=require or stricter",
+        ));
+    }
+    if problems.len() > before {
+        return None;
+    }
+    // Files are read now, so a missing or broken one is reported at start.
+    let opts = TlsOptions {
+        mode,
+        root_cert,
+        client_cert,
+        client_key,
+        server_name: String::new(),
+        direct,
+        channel_binding,
+    };
+    if mode != SslMode::Disable {
+        if let Err(e) = crate::replication::tls::client_config(&opts) {
+            problems.push(Problem::new(
+                format!("PostgreSQL TLS: {e}"),
+                "fix the sslrootcert / sslcert / sslkey paths in postgres.url, or the files' \
+                 permissions (the relay's user must read them)",
+            ));
+            return None;
+        }
+    }
+    Some(opts)
 }
 
 /// The connection string with every password replaced by `<redacted>`, for `Debug`
@@ -196,23 +414,43 @@ fn redact_url(url: &str) -> Option<String> {
     Some(out)
 }
 
-/// `key = value` pairs, values optionally single-quoted with `\` escapes (libpq rules).
+/// `key = value` pairs: passwords replaced, everything else as written.
 fn redact_key_value(text: &str) -> Option<String> {
+    let pairs = key_value_pairs(text)?;
     let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    for p in pairs.iter().filter(|p| p.key == "password") {
+        out.push_str(&text[at..p.value_start]);
+        out.push_str(REDACTED);
+        at = p.end;
+    }
+    out.push_str(&text[at..]);
+    Some(out)
+}
+
+/// One `key = value` of a conninfo string, with byte offsets into it.
+struct Pair<'a> {
+    key: &'a str,
+    /// Unquoted and unescaped.
+    value: String,
+    /// Where the key starts, the value (as written) starts, and the value ends.
+    start: usize,
+    value_start: usize,
+    end: usize,
+}
+
+/// Tokenizes `key = value` pairs, values optionally single-quoted with `\`
+/// escapes (libpq rules). `None` when the text breaks those rules.
+fn key_value_pairs(text: &str) -> Option<Vec<Pair<'_>>> {
+    let mut pairs = Vec::new();
     let mut chars = text.char_indices().peekable();
-    let copy_ws = |chars: &mut std::iter::Peekable<std::str::CharIndices<'_>>, out: &mut String| {
-        while let Some(&(_, c)) = chars.peek() {
-            if !c.is_whitespace() {
-                break;
-            }
-            out.push(c);
-            chars.next();
-        }
+    let skip_ws = |chars: &mut std::iter::Peekable<std::str::CharIndices<'_>>| {
+        while chars.next_if(|&(_, c)| c.is_whitespace()).is_some() {}
     };
     loop {
-        copy_ws(&mut chars, &mut out);
-        let Some(&(key_start, _)) = chars.peek() else {
-            return Some(out);
+        skip_ws(&mut chars);
+        let Some(&(start, _)) = chars.peek() else {
+            return Some(pairs);
         };
         let mut key_end = text.len();
         while let Some(&(i, c)) = chars.peek() {
@@ -222,40 +460,39 @@ fn redact_key_value(text: &str) -> Option<String> {
             }
             chars.next();
         }
-        let key = &text[key_start..key_end];
-        out.push_str(key);
-        copy_ws(&mut chars, &mut out);
+        let key = &text[start..key_end];
+        skip_ws(&mut chars);
         if chars.next()?.1 != '=' {
             return None;
         }
-        out.push('=');
-        copy_ws(&mut chars, &mut out);
+        skip_ws(&mut chars);
+        let value_start = chars.peek().map_or(text.len(), |&(i, _)| i);
         let mut value = String::new();
-        if chars.peek().map(|&(_, c)| c) == Some('\'') {
-            value.push('\'');
-            chars.next();
+        if chars.next_if(|&(_, c)| c == '\'').is_some() {
             loop {
-                let (_, c) = chars.next()?;
-                value.push(c);
-                match c {
+                match chars.next()?.1 {
                     '\\' => value.push(chars.next()?.1),
                     '\'' => break,
-                    _ => {}
+                    c => value.push(c),
                 }
             }
         } else {
-            while let Some(&(_, c)) = chars.peek() {
-                if c.is_whitespace() {
-                    break;
-                }
-                value.push(c);
-                chars.next();
+            while let Some((_, c)) = chars.next_if(|&(_, c)| !c.is_whitespace()) {
                 if c == '\\' {
                     value.push(chars.next()?.1);
+                } else {
+                    value.push(c);
                 }
             }
         }
-        out.push_str(if key == "password" { REDACTED } else { &value });
+        let end = chars.peek().map_or(text.len(), |&(i, _)| i);
+        pairs.push(Pair {
+            key,
+            value,
+            start,
+            value_start,
+            end,
+        });
     }
 }
 
@@ -323,6 +560,10 @@ mod tests {
             user: "relay".into(),
             password: Some("pw".into()),
             dbname: "app".into(),
+            tls: TlsOptions {
+                server_name: "db.example".into(),
+                ..Default::default()
+            },
         };
         assert!(ep("postgres://relay:pw@db.example:6432/app").unwrap() == want);
         assert!(ep("host=db.example port=6432 user=relay password=pw dbname=app").unwrap() == want);
@@ -333,6 +574,83 @@ mod tests {
         );
         let e = ep("host=db.example hostaddr=10.1.2.3 user=relay").unwrap();
         assert_eq!(e.host, "10.1.2.3");
+        assert_eq!(
+            e.tls.server_name, "db.example",
+            "the certificate names the host"
+        );
+        let e = ep("hostaddr=10.1.2.3 user=relay").unwrap();
+        assert_eq!(e.tls.server_name, "10.1.2.3");
+    }
+
+    #[test]
+    fn ssl_params_are_taken_out_for_tokio_postgres() {
+        let (rest, ssl) = split_ssl_params(
+            "postgres://relay@db/app?sslmode=verify-full&application_name=x&sslrootcert=%2Fca.pem",
+        )
+        .unwrap();
+        assert_eq!(rest, "postgres://relay@db/app?application_name=x");
+        assert_eq!(ssl.mode.as_deref(), Some("verify-full"));
+        assert_eq!(ssl.root_cert.as_deref(), Some("/ca.pem"));
+        let (rest, ssl) = split_ssl_params(
+            "host=db sslcert='/a b.pem'  sslkey=/k.pem user=relay sslmode = require",
+        )
+        .unwrap();
+        assert_eq!(rest, "host=db user=relay");
+        assert_eq!(
+            (ssl.cert.as_deref(), ssl.key.as_deref(), ssl.mode.as_deref()),
+            (Some("/a b.pem"), Some("/k.pem"), Some("require"))
+        );
+        let (rest, _) = split_ssl_params("postgres://db/app?sslmode=disable").unwrap();
+        assert_eq!(rest, "postgres://db/app");
+    }
+
+    #[test]
+    fn ssl_modes_map_onto_tokio_postgres() {
+        let mode = |url: &str| parse(url, None).unwrap().pg.get_ssl_mode();
+        assert_eq!(mode("postgres://r@db/app"), PgSslMode::Prefer);
+        assert_eq!(
+            mode("postgres://r@db/app?sslmode=disable"),
+            PgSslMode::Disable
+        );
+        assert_eq!(mode("host=db user=r sslmode=verify-ca"), PgSslMode::Require);
+        let e = ep("postgres://r@db/app?sslmode=require&channel_binding=require").unwrap();
+        assert_eq!(e.tls.mode, SslMode::Require);
+        assert_eq!(e.tls.channel_binding, ChannelBindingMode::Require);
+        let e = ep("postgres://r@db/app?sslnegotiation=direct&sslmode=require").unwrap();
+        assert!(e.tls.direct);
+    }
+
+    #[test]
+    fn tls_problems() {
+        let text = |url: &str| -> String {
+            ep(url)
+                .unwrap_err()
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert!(text("postgres://r@db/a?sslmode=verify-full").contains("no sslrootcert"));
+        assert!(text("postgres://r@db/a?sslmode=allow").contains("use sslmode=prefer"));
+        assert!(text("postgres://r@db/a?sslrootcert=system&sslmode=require")
+            .contains("sslrootcert=system with sslmode=require"));
+        assert!(text("postgres://r@db/a?sslcert=/c.pem").contains("only one of sslcert"));
+        assert!(text("postgres://r@db/a?sslpassword=x").contains("unencrypted"));
+        assert!(
+            text("postgres://r@db/a?sslmode=disable&channel_binding=require")
+                .contains("channel binding needs TLS")
+        );
+        assert!(text("postgres://r@db/a?sslnegotiation=direct").contains("sslmode=require"));
+        let missing = text("postgres://r@db/a?sslmode=verify-ca&sslrootcert=/nonexistent/ca.pem");
+        assert!(missing.contains("/nonexistent/ca.pem"), "{missing}");
+        // sslrootcert=system alone means verify-full (libpq 16).
+        assert_eq!(
+            ssl_mode(&SslParams {
+                root_cert: Some("system".into()),
+                ..Default::default()
+            }),
+            Ok(SslMode::VerifyFull)
+        );
     }
 
     #[test]
@@ -343,11 +661,11 @@ mod tests {
 
     #[test]
     fn endpoint_problems_are_all_listed() {
-        let problems = ep("host=/var/run/postgresql sslmode=require").unwrap_err();
+        let problems = ep("host=/var/run/postgresql sslmode=bogus").unwrap_err();
         let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
         assert_eq!(problems.len(), 3, "{text:?}");
         assert!(text[0].contains("Unix-domain socket") && text[0].contains("use a TCP host"));
-        assert!(text[1].contains("sslmode=require"));
+        assert!(text[1].contains("unknown sslmode \"bogus\""));
         assert!(text[2].contains("no user"));
         let problems = ep("postgres://relay@a,b/app").unwrap_err();
         assert!(problems[0].to_string().contains("2 hosts"));

@@ -78,6 +78,18 @@ pub struct KafkaLayer {
     pub create_topics: Option<bool>,
     pub topic_partitions: Option<i32>,
     pub topic_replication_factor: Option<i32>,
+    /// TLS and SASL, typed (see `kafka_security`); rendered into `properties`.
+    pub security_protocol: Option<KafkaSecurityProtocol>,
+    pub ssl_ca: Option<PathBuf>,
+    pub ssl_cert: Option<PathBuf>,
+    pub ssl_key: Option<PathBuf>,
+    pub sasl_mechanism: Option<KafkaSaslMechanism>,
+    pub sasl_username: Option<String>,
+    /// Never read from the file: `OUTBOX_RELAY_KAFKA_SASL_PASSWORD` only.
+    #[serde(skip)]
+    pub sasl_password: Option<String>,
+    /// A file holding the SASL password (a trailing newline is dropped).
+    pub sasl_password_file: Option<PathBuf>,
 }
 
 impl fmt::Debug for KafkaLayer {
@@ -88,6 +100,17 @@ impl fmt::Debug for KafkaLayer {
             .field("create_topics", &self.create_topics)
             .field("topic_partitions", &self.topic_partitions)
             .field("topic_replication_factor", &self.topic_replication_factor)
+            .field("security_protocol", &self.security_protocol)
+            .field("ssl_ca", &self.ssl_ca)
+            .field("ssl_cert", &self.ssl_cert)
+            .field("ssl_key", &self.ssl_key)
+            .field("sasl_mechanism", &self.sasl_mechanism)
+            .field("sasl_username", &self.sasl_username)
+            .field(
+                "sasl_password",
+                &self.sasl_password.as_ref().map(|_| "<redacted>"),
+            )
+            .field("sasl_password_file", &self.sasl_password_file)
             .finish()
     }
 }
@@ -122,6 +145,8 @@ pub struct RelayLayer {
     #[serde(default, deserialize_with = "units::de_opt_duration")]
     pub reconnect_backoff_max: Option<Duration>,
     pub http_listen: Option<String>,
+    #[serde(default, deserialize_with = "units::de_opt_duration")]
+    pub ready_stall_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -216,6 +241,14 @@ impl Layer {
                 topic_replication_factor: tk
                     .topic_replication_factor
                     .or(k.topic_replication_factor),
+                security_protocol: tk.security_protocol.or(k.security_protocol),
+                ssl_ca: tk.ssl_ca.or(k.ssl_ca),
+                ssl_cert: tk.ssl_cert.or(k.ssl_cert),
+                ssl_key: tk.ssl_key.or(k.ssl_key),
+                sasl_mechanism: tk.sasl_mechanism.or(k.sasl_mechanism),
+                sasl_username: tk.sasl_username.or(k.sasl_username),
+                sasl_password: tk.sasl_password.or(k.sasl_password),
+                sasl_password_file: tk.sasl_password_file.or(k.sasl_password_file),
             },
             mapping: MappingLayer {
                 id_column: tm.id_column.or(m.id_column),
@@ -235,6 +268,7 @@ impl Layer {
                 reconnect_backoff_min: tr.reconnect_backoff_min.or(r.reconnect_backoff_min),
                 reconnect_backoff_max: tr.reconnect_backoff_max.or(r.reconnect_backoff_max),
                 http_listen: tr.http_listen.or(r.http_listen),
+                ready_stall_timeout: tr.ready_stall_timeout.or(r.ready_stall_timeout),
             },
             log: LogLayer {
                 format: top.log.format.or(self.log.format),
@@ -282,9 +316,29 @@ impl Config {
             (None, None) => None,
         };
 
+        let sasl_password = secret_from(
+            k.sasl_password,
+            k.sasl_password_file,
+            ENV_KAFKA_SASL_PASSWORD,
+            "Kafka SASL",
+            "kafka.sasl_password_file / --kafka-sasl-password-file",
+            &mut problems,
+        );
+        let security = KafkaSecurity {
+            protocol: k.security_protocol,
+            ssl_ca: k.ssl_ca,
+            ssl_cert: k.ssl_cert,
+            ssl_key: k.ssl_key,
+            sasl_mechanism: k.sasl_mechanism,
+            sasl_username: k.sasl_username,
+            sasl_password,
+        };
+        let mut kafka_properties = k.properties;
+        problems.extend(security.apply(&mut kafka_properties));
+
         // application_name and connect_timeout inside the URL sit just above the defaults.
         let url = p.url.unwrap_or_default();
-        let from_url = url.parse::<tokio_postgres::Config>().ok();
+        let from_url = conninfo::parse(&url, None).ok().map(|ci| ci.pg);
         let url_app = from_url
             .as_ref()
             .and_then(|c| c.get_application_name().map(str::to_string));
@@ -314,7 +368,7 @@ impl Config {
             },
             kafka: KafkaConfig {
                 brokers: k.brokers.unwrap_or_default(),
-                properties: k.properties,
+                properties: kafka_properties,
                 create_topics: k.create_topics.unwrap_or(DEFAULT_CREATE_TOPICS),
                 topic_partitions: k.topic_partitions.unwrap_or(DEFAULT_TOPIC_PARTITIONS),
                 topic_replication_factor: k
@@ -357,6 +411,9 @@ impl Config {
                 http_listen: r
                     .http_listen
                     .unwrap_or_else(|| super::DEFAULT_HTTP_LISTEN.to_string()),
+                ready_stall_timeout: r
+                    .ready_stall_timeout
+                    .unwrap_or(super::DEFAULT_READY_STALL_TIMEOUT),
             },
             log: LogConfig {
                 format: l.format.unwrap_or(DEFAULT_LOG_FORMAT),
@@ -369,6 +426,44 @@ impl Config {
         } else {
             Err(ConfigError::Invalid(problems))
         }
+    }
+}
+
+/// A secret given in the environment or in a file (`*_FILE`), never both.
+fn secret_from(
+    env_value: Option<String>,
+    file: Option<PathBuf>,
+    env_name: &str,
+    what: &str,
+    file_setting: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<String> {
+    match (env_value, file) {
+        (Some(_), Some(file)) => {
+            problems.push(Problem::new(
+                format!(
+                    "both {env_name} and a password file ({}) are set",
+                    file.display()
+                ),
+                "keep one of them",
+            ));
+            None
+        }
+        (Some(pw), None) => Some(pw),
+        (None, Some(file)) => match std::fs::read_to_string(&file) {
+            Ok(text) => Some(strip_one_newline(text)),
+            Err(e) => {
+                problems.push(Problem::new(
+                    format!(
+                        "cannot read the {what} password file {}: {e}",
+                        file.display()
+                    ),
+                    format!("fix {file_setting}, or the file's permissions"),
+                ));
+                None
+            }
+        },
+        (None, None) => None,
     }
 }
 

@@ -1,15 +1,18 @@
 //! Startup and authentication: StartupMessage, trust / cleartext / md5 /
-//! SCRAM-SHA-256, then ParameterStatus and BackendKeyData up to the first
+//! SCRAM-SHA-256(-PLUS), then ParameterStatus and BackendKeyData up to the first
 //! ReadyForQuery.
 
 use std::collections::HashMap;
 
 use postgres_protocol::authentication::md5_hash;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::authentication::sasl::{
+    ChannelBinding, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS,
+};
 use postgres_protocol::message::frontend;
 
 use super::backend::{AuthRequest, BackendMessage};
 use super::connection::Connection;
+use super::tls::ChannelBindingMode;
 use super::{ConnectConfig, ReplicationError};
 
 /// Pins the session settings that shape text output, so values read from the
@@ -23,6 +26,7 @@ pub(crate) struct Session {
     pub(crate) server_version_num: u32,
     pub(crate) backend_pid: i32,
     pub(crate) parameters: HashMap<String, String>,
+    pub(crate) sasl_mechanism: Option<&'static str>,
 }
 
 /// Run the startup exchange on a freshly opened connection.
@@ -44,7 +48,7 @@ pub(crate) async fn startup(
     )?;
     conn.flush().await?;
 
-    authenticate(conn, cfg).await?;
+    let sasl_mechanism = authenticate(conn, cfg).await?;
 
     let mut parameters = HashMap::new();
     let mut backend_pid = None;
@@ -71,10 +75,17 @@ pub(crate) async fn startup(
         server_version_num,
         backend_pid,
         parameters,
+        sasl_mechanism,
     })
 }
 
-async fn authenticate(conn: &mut Connection, cfg: &ConnectConfig) -> Result<(), ReplicationError> {
+/// Answers the server's authentication requests until AuthenticationOk; returns
+/// the SASL mechanism used, if any.
+async fn authenticate(
+    conn: &mut Connection,
+    cfg: &ConnectConfig,
+) -> Result<Option<&'static str>, ReplicationError> {
+    let mut mechanism = None;
     loop {
         let request = match conn.recv().await? {
             BackendMessage::Authentication(request) => request,
@@ -86,7 +97,21 @@ async fn authenticate(conn: &mut Connection, cfg: &ConnectConfig) -> Result<(), 
             other => return Err(other.unexpected("authentication")),
         };
         match request {
-            AuthRequest::Ok => return Ok(()),
+            AuthRequest::Ok => {
+                // libpq: with channel_binding=require, a server that lets us in
+                // without binding (trust, password, md5, cert) is not trusted.
+                if cfg.tls.channel_binding == ChannelBindingMode::Require
+                    && mechanism != Some(SCRAM_SHA_256_PLUS)
+                {
+                    return Err(ReplicationError::Auth(format!(
+                        "channel_binding=require, but the server authenticated user \"{}\" \
+                         without channel binding; use scram-sha-256 over TLS in pg_hba.conf \
+                         (hostssl), or relax channel_binding in postgres.url",
+                        cfg.user
+                    )));
+                }
+                return Ok(mechanism);
+            }
             AuthRequest::CleartextPassword => {
                 let password = password(cfg, "password")?;
                 frontend::password_message(password.as_bytes(), conn.out())?;
@@ -98,7 +123,9 @@ async fn authenticate(conn: &mut Connection, cfg: &ConnectConfig) -> Result<(), 
                 frontend::password_message(hash.as_bytes(), conn.out())?;
                 conn.flush().await?;
             }
-            AuthRequest::Sasl { mechanisms } => scram_sha_256(conn, cfg, &mechanisms).await?,
+            AuthRequest::Sasl { mechanisms } => {
+                mechanism = Some(scram_sha_256(conn, cfg, &mechanisms).await?);
+            }
             AuthRequest::SaslContinue(_) | AuthRequest::SaslFinal(_) => {
                 return Err(ReplicationError::Protocol(
                     "server sent a SASL continuation before SASL started".into(),
@@ -116,24 +143,55 @@ async fn authenticate(conn: &mut Connection, cfg: &ConnectConfig) -> Result<(), 
     }
 }
 
-/// SCRAM-SHA-256 without channel binding. Over plain TCP there is no channel
-/// to bind to, so the gs2 header is `n,,` (`ChannelBinding::unsupported`). A
-/// TLS transport will choose `tls_server_end_point` when the server offers
-/// SCRAM-SHA-256-PLUS, and `unrequested` (`y,,`) when it does not.
+/// SCRAM-SHA-256, bound to the TLS channel when it can be (RFC 5802 gs2 header):
+/// - TLS, the server offers SCRAM-SHA-256-PLUS, we have the certificate hash:
+///   SCRAM-SHA-256-PLUS with `p=tls-server-end-point`;
+/// - TLS, the server does not offer PLUS: `y,,` ("I could bind, you don't"), so a
+///   man in the middle who strips PLUS from the offer is detected by the server;
+/// - no TLS, or channel binding disabled, or no hash for the certificate: `n,,`.
+///
+/// Returns the mechanism used.
 async fn scram_sha_256(
     conn: &mut Connection,
     cfg: &ConnectConfig,
     mechanisms: &[String],
-) -> Result<(), ReplicationError> {
-    if !mechanisms.iter().any(|m| m == SCRAM_SHA_256) {
+) -> Result<&'static str, ReplicationError> {
+    let offers = |m: &str| mechanisms.iter().any(|o| o == m);
+    let mode = cfg.tls.channel_binding;
+    let tls = conn.tls().filter(|_| mode != ChannelBindingMode::Disable);
+    let end_point = tls.and_then(|t| t.server_end_point.clone());
+    let (binding, mechanism) = match (tls, end_point) {
+        (Some(_), Some(hash)) if offers(SCRAM_SHA_256_PLUS) => (
+            ChannelBinding::tls_server_end_point(hash),
+            SCRAM_SHA_256_PLUS,
+        ),
+        (Some(_), None) if offers(SCRAM_SHA_256_PLUS) => {
+            (ChannelBinding::unsupported(), SCRAM_SHA_256)
+        }
+        (Some(_), _) => (ChannelBinding::unrequested(), SCRAM_SHA_256),
+        (None, _) => (ChannelBinding::unsupported(), SCRAM_SHA_256),
+    };
+    if mode == ChannelBindingMode::Require && mechanism != SCRAM_SHA_256_PLUS {
+        let why = if conn.tls().is_none() {
+            "the connection is not TLS (set sslmode=require or stricter)"
+        } else if !offers(SCRAM_SHA_256_PLUS) {
+            "the server does not offer SCRAM-SHA-256-PLUS"
+        } else {
+            "the server certificate's signature algorithm defines no tls-server-end-point hash"
+        };
+        return Err(ReplicationError::Auth(format!(
+            "channel_binding=require, but SCRAM cannot be bound to the connection: {why}"
+        )));
+    }
+    if !offers(mechanism) {
         return Err(ReplicationError::Auth(format!(
             "the server offers SASL mechanisms {mechanisms:?}; outbox-relay supports \
-             SCRAM-SHA-256 (SCRAM-SHA-256-PLUS needs TLS, which is not supported yet)"
+             SCRAM-SHA-256 and SCRAM-SHA-256-PLUS"
         )));
     }
     let password = password(cfg, "SCRAM-SHA-256")?;
-    let mut scram = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
-    frontend::sasl_initial_response(SCRAM_SHA_256, scram.message(), conn.out())?;
+    let mut scram = ScramSha256::new(password.as_bytes(), binding);
+    frontend::sasl_initial_response(mechanism, scram.message(), conn.out())?;
     conn.flush().await?;
 
     let server_first = match conn.recv().await? {
@@ -154,7 +212,8 @@ async fn scram_sha_256(
         ReplicationError::Auth(format!(
             "the server's SCRAM signature did not verify ({e}); it may not know the password"
         ))
-    })
+    })?;
+    Ok(mechanism)
 }
 
 fn password<'a>(cfg: &'a ConnectConfig, method: &str) -> Result<&'a str, ReplicationError> {

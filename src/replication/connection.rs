@@ -1,17 +1,20 @@
 //! The transport under a replication connection: a socket split into a framed,
 //! cancellation-safe read half and a buffered write half.
 //!
-//! The socket is boxed behind [`Socket`] so a TLS stream can slot in later
-//! (sslmode, SCRAM-SHA-256-PLUS) without touching the protocol code above.
+//! The socket is boxed behind [`Socket`]: plain TCP, a Unix socket, or TLS over
+//! TCP as `sslmode` decides ([`negotiate_tls`]); the protocol code above does not
+//! know which, except for the channel binding data SCRAM-SHA-256-PLUS needs.
 
 use bytes::{Buf, BytesMut};
 use futures_util::StreamExt;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio_util::codec::FramedRead;
 
 use super::backend::BackendMessage;
 use super::codec::BackendCodec;
+use super::tls::{self, SslMode, TlsOptions};
 use super::{ConnectConfig, ReplicationError, ServerError};
 
 /// Anything that can carry the protocol: TCP, a Unix socket, later TLS.
@@ -27,18 +30,29 @@ pub(crate) struct Connection {
     /// socket takes them, so a dropped `flush` future never tears a message:
     /// the rest goes out first on the next flush.
     out: BytesMut,
+    /// `Some` when the socket is TLS.
+    tls: Option<TlsSession>,
+}
+
+/// What SCRAM needs to know about a TLS session.
+#[derive(Debug, Clone)]
+pub(crate) struct TlsSession {
+    /// `tls-server-end-point` data; `None` when the server certificate's signature
+    /// algorithm has no defined hash.
+    pub(crate) server_end_point: Option<Vec<u8>>,
 }
 
 impl Connection {
-    /// Open the socket: TCP to `host:port`, or, when `host` is a directory
-    /// (starts with `/`), the Unix socket `host/.s.PGSQL.port` as libpq does.
+    /// Open the socket: TCP to `host:port` (TLS as `cfg.tls` says), or, when
+    /// `host` is a directory (starts with `/`), the Unix socket
+    /// `host/.s.PGSQL.port` as libpq does (never TLS, as with libpq).
     pub(crate) async fn open(cfg: &ConnectConfig) -> Result<Connection, ReplicationError> {
-        let socket: Box<dyn Socket> = if cfg.host.starts_with('/') {
+        let (socket, tls): (Box<dyn Socket>, _) = if cfg.host.starts_with('/') {
             let path = format!("{}/.s.PGSQL.{}", cfg.host.trim_end_matches('/'), cfg.port);
             let stream = tokio::net::UnixStream::connect(&path)
                 .await
                 .map_err(|source| ReplicationError::Connect { addr: path, source })?;
-            Box::new(stream)
+            (Box::new(stream), None)
         } else {
             let addr = format!("{}:{}", cfg.host, cfg.port);
             let stream = TcpStream::connect((cfg.host.as_str(), cfg.port))
@@ -51,9 +65,11 @@ impl Connection {
             stream
                 .set_nodelay(true)
                 .map_err(|source| ReplicationError::Connect { addr, source })?;
-            Box::new(stream)
+            negotiate_tls(stream, &cfg.tls).await?
         };
-        Ok(Connection::new(socket, cfg.max_frame_bytes))
+        let mut conn = Connection::new(socket, cfg.max_frame_bytes);
+        conn.tls = tls;
+        Ok(conn)
     }
 
     pub(crate) fn new(socket: Box<dyn Socket>, max_frame_bytes: usize) -> Connection {
@@ -62,7 +78,13 @@ impl Connection {
             reader: FramedRead::new(read, BackendCodec::new(max_frame_bytes)),
             writer: write,
             out: BytesMut::with_capacity(256),
+            tls: None,
         }
+    }
+
+    /// The TLS session, if the socket is TLS.
+    pub(crate) fn tls(&self) -> Option<&TlsSession> {
+        self.tls.as_ref()
     }
 
     /// The outgoing buffer, for `postgres_protocol::message::frontend` encoders.
@@ -99,6 +121,69 @@ impl Connection {
     pub(crate) async fn shutdown(&mut self) -> Result<(), ReplicationError> {
         self.writer.shutdown().await?;
         Ok(())
+    }
+}
+
+/// `sslmode` on a fresh TCP connection: SSLRequest (or, with
+/// `sslnegotiation=direct`, straight to the handshake), then the TLS handshake, or
+/// plain TCP when the server declines and the mode allows it.
+async fn negotiate_tls(
+    mut tcp: TcpStream,
+    opts: &TlsOptions,
+) -> Result<(Box<dyn Socket>, Option<TlsSession>), ReplicationError> {
+    if opts.mode == SslMode::Disable {
+        return Ok((Box::new(tcp), None));
+    }
+    if !opts.direct {
+        let mut request = BytesMut::with_capacity(8);
+        frontend::ssl_request(&mut request);
+        tcp.write_all(&request).await?;
+        // Exactly one byte: anything the server sent after it must not be read
+        // as if it came through TLS (CVE-2021-23222).
+        let mut answer = [0u8; 1];
+        tcp.read_exact(&mut answer).await?;
+        match answer[0] {
+            b'S' => {}
+            b'N' if opts.mode.requires_tls() => {
+                return Err(ReplicationError::Tls(format!(
+                    "the server does not accept TLS connections, but sslmode={} requires TLS; \
+                     enable ssl on the server, or lower sslmode in postgres.url",
+                    opts.mode
+                )))
+            }
+            b'N' => return Ok((Box::new(tcp), None)),
+            other => {
+                return Err(ReplicationError::Protocol(format!(
+                    "the server answered the TLS request with {:?} instead of 'S' or 'N'",
+                    char::from(other)
+                )))
+            }
+        }
+    }
+    let config = tls::client_config(opts).map_err(|e| ReplicationError::Tls(e.0))?;
+    let name = tls::server_name(opts).map_err(|e| ReplicationError::Tls(e.0))?;
+    let stream = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| handshake_error(e, opts))?;
+    let server_end_point = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|cert| tls::tls_server_end_point(cert));
+    Ok((Box::new(stream), Some(TlsSession { server_end_point })))
+}
+
+/// A TLS failure (certificate refused, protocol) needs an operator; an I/O error
+/// during the handshake is a connection problem like any other.
+fn handshake_error(e: std::io::Error, opts: &TlsOptions) -> ReplicationError {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(tls_error) => ReplicationError::Tls(tls::describe_handshake_error(tls_error, opts)),
+        None => ReplicationError::Io(e),
     }
 }
 

@@ -9,7 +9,8 @@
 //! (backend message framing, frame size limit), `backend` (backend message
 //! bodies), `auth` (startup and authentication), `command` (replication
 //! command text and result rows), `copy` (CopyData payloads `w`/`k`/`r`),
-//! `tests` (client and stream against a scripted in-memory server). This
+//! `tls` (sslmode on rustls, shared with the SQL connections; channel binding
+//! data), `tests` (client and stream against a scripted in-memory server). This
 //! file holds the public API.
 
 mod auth;
@@ -18,6 +19,7 @@ mod codec;
 mod command;
 mod connection;
 mod copy;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -29,8 +31,10 @@ use self::backend::BackendMessage;
 use self::connection::Connection;
 use crate::lsn::{pg_now_micros, Lsn};
 
+pub use self::tls::{ChannelBindingMode, RootCert, SslMode, TlsOptions};
+
 /// Where and how to open a replication connection.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct ConnectConfig {
     pub host: String,
     pub port: u16,
@@ -41,6 +45,8 @@ pub struct ConnectConfig {
     pub connect_timeout: Duration,
     /// Largest CopyData / backend message accepted; bigger is an error, not an allocation.
     pub max_frame_bytes: usize,
+    /// sslmode, certificates and channel binding (the URL's `ssl*` parameters).
+    pub tls: TlsOptions,
 }
 
 impl std::fmt::Debug for ConnectConfig {
@@ -54,6 +60,7 @@ impl std::fmt::Debug for ConnectConfig {
             .field("application_name", &self.application_name)
             .field("connect_timeout", &self.connect_timeout)
             .field("max_frame_bytes", &self.max_frame_bytes)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -82,6 +89,10 @@ pub enum ReplicationError {
     Io(#[from] std::io::Error),
     #[error("authentication failed: {0}")]
     Auth(String),
+    /// TLS could not be set up, the server would not do it although sslmode
+    /// requires it, or its certificate was refused: needs an operator.
+    #[error("{0}")]
+    Tls(String),
     #[error("PostgreSQL: {} (SQLSTATE {}){}", .0.message, .0.code, .0.hint.as_ref().map(|h| format!("; hint: {h}")).unwrap_or_default())]
     Server(ServerError),
     #[error("replication protocol violation: {0}")]
@@ -133,6 +144,8 @@ pub enum ReplicationMessage {
 /// A replication connection before streaming (simple-query mode).
 pub struct ReplicationClient {
     conn: Connection,
+    /// The SASL mechanism that authenticated this session, if SASL did.
+    sasl_mechanism: Option<&'static str>,
     server_version_num: u32,
     backend_pid: i32,
     parameters: HashMap<String, String>,
@@ -166,9 +179,12 @@ impl ReplicationClient {
             port = cfg.port,
             backend_pid = session.backend_pid,
             server_version_num = session.server_version_num,
+            tls = conn.tls().is_some(),
+            auth = session.sasl_mechanism.unwrap_or("not SASL"),
             "replication connection ready"
         );
         Ok(ReplicationClient {
+            sasl_mechanism: session.sasl_mechanism,
             conn,
             server_version_num: session.server_version_num,
             backend_pid: session.backend_pid,
@@ -185,6 +201,17 @@ impl ReplicationClient {
     /// Backend process id of this connection (from BackendKeyData).
     pub fn backend_pid(&self) -> i32 {
         self.backend_pid
+    }
+
+    /// Whether the connection is encrypted (TLS).
+    pub fn is_tls(&self) -> bool {
+        self.conn.tls().is_some()
+    }
+
+    /// `SCRAM-SHA-256-PLUS` (bound to the TLS channel) or `SCRAM-SHA-256` when the
+    /// session authenticated with SASL; `None` for trust, password, md5, cert.
+    pub fn sasl_mechanism(&self) -> Option<&'static str> {
+        self.sasl_mechanism
     }
 
     /// A run-time parameter the server reported (ParameterStatus), e.g.

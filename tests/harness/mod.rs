@@ -1412,3 +1412,140 @@ impl Drop for RelayProcess {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Network faults: a TCP proxy, and a broker that advertises it
+// ---------------------------------------------------------------------------
+
+pub mod outbox;
+pub mod proxy;
+
+impl Broker {
+    /// A broker that advertises `advertised` (a [`proxy::Proxy`] in front of it) in
+    /// its metadata instead of its own listener, so a client that bootstraps through
+    /// the proxy keeps all its connections on it. [`bootstrap`](Self::bootstrap)
+    /// still names the broker itself; [`restart`](Self::restart) keeps the setting.
+    ///
+    /// tansu takes `--advertised-listener-url` once, so the broker runs through a
+    /// small `sh` wrapper in its temp dir that swaps that flag's value and `exec`s
+    /// tansu (same pid: `pause`, `kill9` and `restart` work as usual).
+    pub fn start_advertising(storage: BrokerStorage, advertised: SocketAddr) -> Broker {
+        let dir = test_temp_dir("outbox-relay-tansu-");
+        let tansu = tansu_binary();
+        let wrapper = dir.path().join("tansu-advertising");
+        let script = format!(
+            "#!/bin/sh\n\
+             # tansu, advertising {advertised} (a proxy in front of it)\n\
+             prev=\n\
+             for arg do\n\
+             \x20 shift\n\
+             \x20 if [ \"$prev\" = --advertised-listener-url ]; then\n\
+             \x20   set -- \"$@\" 'tcp://{advertised}'\n\
+             \x20 else\n\
+             \x20   set -- \"$@\" \"$arg\"\n\
+             \x20 fi\n\
+             \x20 prev=$arg\n\
+             done\n\
+             exec '{}' \"$@\"\n",
+            tansu.display().to_string().replace('\'', r"'\''"),
+        );
+        fs::write(&wrapper, script).unwrap_or_else(|e| panic!("write {}: {e}", wrapper.display()));
+        fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("chmod {}: {e}", wrapper.display()));
+        let mut broker = Broker {
+            binary: wrapper,
+            storage,
+            dir: Some(dir),
+            port: 0,
+            child: None,
+            paused: false,
+        };
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            broker.port = free_port();
+            match broker.spawn_and_wait() {
+                Ok(()) => return broker,
+                Err(StartError::PortTaken) if attempts < 5 => continue,
+                Err(e) => panic!(
+                    "tansu ({storage:?}, advertising {advertised}) did not start: {e}\n--- log ---\n{}",
+                    tail(&broker.log(), 60)
+                ),
+            }
+        }
+    }
+
+    /// Whether the broker process is stopped by [`pause`](Self::pause).
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Server files and pg_hba.conf (TLS tests)
+// ---------------------------------------------------------------------------
+
+impl PgCluster {
+    /// Writes `contents` to `name` inside the data directory, owned by the user the
+    /// server runs as, with `mode` (0o600 for a private key: PostgreSQL refuses a key
+    /// others can read). Relative paths in postgresql.conf (`ssl_cert_file = 'x'`)
+    /// resolve against the data directory. Returns the file's path.
+    pub fn write_data_file(&self, name: &str, contents: &[u8], mode: u32) -> PathBuf {
+        let path = self.data_dir().join(name);
+        fs::write(&path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+            .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+        if let Some((uid, gid)) = self.run_as {
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                .unwrap_or_else(|e| panic!("chown {} to postgres: {e}", path.display()));
+        }
+        path
+    }
+
+    /// Appends settings to postgresql.conf; they take effect at the next start
+    /// (`restart`), or at a reload for settings that allow it.
+    pub fn append_conf(&self, settings: &[(&str, &str)]) {
+        let mut conf = String::from("\n# --- appended by the test ---\n");
+        for (k, v) in settings {
+            conf.push_str(&format!("{k} = '{}'\n", v.replace('\'', "''")));
+        }
+        let path = self.data_dir().join("postgresql.conf");
+        OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(conf.as_bytes()))
+            .unwrap_or_else(|e| panic!("append to {}: {e}", path.display()));
+    }
+
+    /// Replaces pg_hba.conf with `lines` (first match wins); takes effect at the next
+    /// start (`restart`). Keep a `local all all trust` line to reach the server with
+    /// [`socket_client`](Self::socket_client) whatever the TCP lines say.
+    pub fn set_hba(&self, lines: &[&str]) {
+        let mut text = String::from("# written by the test\n");
+        for line in lines {
+            text.push_str(line);
+            text.push('\n');
+        }
+        self.write_data_file("pg_hba.conf", text.as_bytes(), 0o600);
+    }
+
+    /// A superuser client over the Unix socket (the harness clusters' `client()` uses
+    /// TCP, which a test's pg_hba.conf may forbid).
+    pub async fn socket_client(&self) -> tokio_postgres::Client {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host_path(self.socket_dir())
+            .port(self.port())
+            .user("postgres")
+            .dbname("postgres");
+        let (client, connection) = cfg
+            .connect(tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("connect over {}: {e}", self.socket_dir().display()));
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        client
+    }
+}
+
+pub mod security;

@@ -49,6 +49,9 @@ pub fn spawn(name: &str, cmd: &mut Command, stop_signal: libc::c_int) -> std::io
             });
         }
     }
+    // Its own process group: a terminal's Ctrl-C reaches only the benchmark,
+    // which then stops everything in order.
+    cmd.process_group(0);
     let child = cmd.spawn()?;
     LIVE.lock()
         .expect("registry lock")
@@ -65,10 +68,6 @@ pub fn spawn(name: &str, cmd: &mut Command, stop_signal: libc::c_int) -> std::io
 impl Guarded {
     pub fn pid(&self) -> u32 {
         self.child.id()
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
     }
 
     /// Samples `/proc/<pid>`; remembers the sample so that figures survive the exit.

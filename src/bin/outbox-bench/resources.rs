@@ -100,7 +100,11 @@ pub fn tree_cpu_s(root: u32) -> f64 {
     let mut ticks = ut + st + cut + cst;
     if let Ok(dir) = fs::read_dir("/proc") {
         for entry in dir.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
                 continue;
             };
             if let Some((_, ppid, ut, st, _, _)) = stat_fields(pid) {

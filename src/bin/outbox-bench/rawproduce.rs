@@ -1,0 +1,137 @@
+//! The broker-side comparison for catch-up: raw rdkafka producing the same
+//! records (same topic shape, key, ~1 KB payload, the relay's five headers)
+//! with the relay's producer settings, as fast as the broker acknowledges.
+//! Runs as its own process (`outbox-bench raw-produce ...`) for clean CPU and
+//! memory figures.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer as _, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
+use serde::Serialize;
+
+use outbox_relay::outbox::{format_commit_time, HEADER_COMMIT_TIME, HEADER_LSN, HEADER_XID};
+
+use crate::load::pad;
+use crate::polling::producer_settings;
+
+#[derive(Debug, Args)]
+pub struct RawArgs {
+    #[arg(long)]
+    pub brokers: String,
+    #[arg(long)]
+    pub topic: String,
+    #[arg(long)]
+    pub count: u64,
+    #[arg(long, default_value_t = 1000)]
+    pub payload_bytes: usize,
+    /// Where to write the summary (JSON).
+    #[arg(long)]
+    pub summary: PathBuf,
+}
+
+#[derive(Debug, Serialize)]
+struct Summary {
+    delivered: u64,
+    failed: u64,
+    /// From the first send to the last acknowledgement.
+    elapsed_s: f64,
+}
+
+#[derive(Default)]
+struct Counts {
+    delivered: AtomicU64,
+    failed: AtomicU64,
+}
+
+struct Ctx(Arc<Counts>);
+
+impl ClientContext for Ctx {}
+
+impl ProducerContext for Ctx {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => self.0.delivered.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.0.failed.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+pub fn main(args: RawArgs) -> Result<(), String> {
+    let counts = Arc::new(Counts::default());
+    let producer: ThreadedProducer<Ctx> = producer_settings(&args.brokers)
+        .client_config()
+        .create_with_context(Ctx(counts.clone()))
+        .map_err(|e| format!("create the producer: {e}"))?;
+    let pad = pad(args.payload_bytes);
+    let commit_time = format_commit_time(0);
+    let began = Instant::now();
+    for seq in 0..args.count {
+        // What the relay sends for a row: payload as jsonb renders it, key, headers.
+        let payload = format!("{{\"pad\": \"{pad}\", \"seq\": {seq}}}");
+        let key = (seq % 1000).to_string();
+        let id = format!("00000000-0000-4000-8000-{seq:012x}");
+        let lsn = format!("0/{:X}", seq * 1200);
+        let xid = (seq + 1000).to_string();
+        loop {
+            let headers = OwnedHeaders::new_with_capacity(5)
+                .insert(Header {
+                    key: "id",
+                    value: Some(id.as_str()),
+                })
+                .insert(Header {
+                    key: "type",
+                    value: Some("BenchEvent"),
+                })
+                .insert(Header {
+                    key: HEADER_LSN,
+                    value: Some(lsn.as_str()),
+                })
+                .insert(Header {
+                    key: HEADER_XID,
+                    value: Some(xid.as_str()),
+                })
+                .insert(Header {
+                    key: HEADER_COMMIT_TIME,
+                    value: Some(commit_time.as_str()),
+                });
+            let record = BaseRecord::to(&args.topic)
+                .key(key.as_str())
+                .payload(payload.as_str())
+                .headers(headers);
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+                Err((e, _)) => return Err(format!("produce: {e}")),
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while counts.delivered.load(Ordering::Relaxed) + counts.failed.load(Ordering::Relaxed)
+        < args.count
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let elapsed_s = began.elapsed().as_secs_f64();
+    let _ = producer.flush(Duration::from_secs(5));
+    let summary = Summary {
+        delivered: counts.delivered.load(Ordering::Relaxed),
+        failed: counts.failed.load(Ordering::Relaxed),
+        elapsed_s,
+    };
+    std::fs::write(
+        &args.summary,
+        serde_json::to_vec(&summary).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| format!("write {}: {e}", args.summary.display()))
+}

@@ -1,0 +1,293 @@
+//! The markdown report, and the targets of issue 5 checked against the figures.
+
+use std::fmt::Write as _;
+
+use crate::results::{CatchUpRun, Results, Target, Window};
+
+/// Peak RSS limit of the targets, MiB.
+const RSS_LIMIT_MIB: f64 = 64.0;
+
+/// Checks the targets against the figures (reached in the benchmark, never
+/// asserted in tests).
+pub fn targets(r: &Results) -> Vec<Target> {
+    let mut out = Vec::new();
+    if let Some(c) = &r.catch_up {
+        out.push(Target {
+            what: "catch-up throughput".into(),
+            target: "≥ 0.8 × pg_recvlogical ceiling".into(),
+            measured: format!(
+                "{:.2} × ({:.0} vs {:.0} events/s)",
+                c.relay_ratio_to_ceiling, c.relay.events_per_s, c.ceiling.events_per_s
+            ),
+            met: Some(c.relay_ratio_to_ceiling >= 0.8),
+        });
+        out.push(Target {
+            what: "relay CPU per event, catch-up".into(),
+            target: "≤ 4 µs".into(),
+            measured: format!("{:.2} µs", c.relay.process.cpu_per_event_us),
+            met: Some(c.relay.process.cpu_per_event_us <= 4.0),
+        });
+    }
+    for (rate, limit) in [(5000u64, 10.0), (20000, 25.0)] {
+        for w in r
+            .steady
+            .iter()
+            .filter(|w| w.subject == "relay" && w.target_rate == rate)
+        {
+            let mut measured = format!("{:.2} ms", w.latency.p99_ms);
+            if !w.sustained {
+                let _ = write!(measured, " (writers reached only {:.0}/s)", w.achieved_rate);
+            }
+            if w.missing > 0 {
+                let _ = write!(measured, " ({} records missing)", w.missing);
+            }
+            out.push(Target {
+                what: format!(
+                    "p99 commit → consumer at {}k/s, {} row(s)/txn",
+                    rate / 1000,
+                    w.rows_per_txn
+                ),
+                target: format!("≤ {limit} ms"),
+                measured,
+                met: Some(w.latency.p99_ms <= limit && w.missing == 0 && w.latency.samples > 0),
+            });
+        }
+    }
+    let mut rss: Vec<(String, f64)> = Vec::new();
+    if let Some(c) = &r.catch_up {
+        if let Some(m) = c.relay.process.peak_rss_mib {
+            rss.push(("catch-up".into(), m));
+        }
+    }
+    for w in r.steady.iter().filter(|w| w.subject == "relay") {
+        if let Some(m) = w.process.peak_rss_mib {
+            rss.push((
+                format!("{}k/s × {}", w.target_rate / 1000, w.rows_per_txn),
+                m,
+            ));
+        }
+    }
+    if let Some((worst, mib)) = rss.iter().max_by(|a, b| a.1.total_cmp(&b.1)).cloned() {
+        out.push(Target {
+            what: "relay peak RSS, every scenario".into(),
+            target: format!("≤ {RSS_LIMIT_MIB} MiB"),
+            measured: format!("max {mib:.1} MiB ({worst})"),
+            met: Some(mib <= RSS_LIMIT_MIB),
+        });
+    }
+    out
+}
+
+fn yes_no(met: Option<bool>) -> &'static str {
+    match met {
+        Some(true) => "yes",
+        Some(false) => "**no**",
+        None => "n/a",
+    }
+}
+
+fn opt_mib(v: Option<f64>) -> String {
+    v.map(|m| format!("{m:.1}")).unwrap_or_else(|| "–".into())
+}
+
+pub fn markdown(r: &Results) -> String {
+    let m = &r.meta;
+    let mut s = String::new();
+    let _ = writeln!(s, "# outbox-relay benchmark\n");
+    let _ = writeln!(
+        s,
+        "Run {} ({}), {:.0} s in all. `{}`\n",
+        m.started_at,
+        if m.quick { "quick" } else { "default" },
+        m.total_elapsed_s,
+        m.command_line
+    );
+    let _ = writeln!(
+        s,
+        "Machine: {} cores, load average at start {}; shared with other work, so \
+         figures are noisy (see \"other CPU\" below). {}; broker {} (memory storage); \
+         relay `{}`.\n",
+        m.cores, m.load_average_at_start, m.postgres_version, m.broker, m.relay_binary
+    );
+
+    let _ = writeln!(s, "## Targets\n");
+    let _ = writeln!(s, "| target | goal | measured | met |\n|---|---|---|---|");
+    for t in &r.targets {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} |",
+            t.what,
+            t.target,
+            t.measured,
+            yes_no(t.met)
+        );
+    }
+    s.push('\n');
+
+    if let Some(c) = &r.catch_up {
+        let _ = writeln!(s, "## 1. Catch-up\n");
+        let _ = writeln!(
+            s,
+            "A backlog of {} events (~{} B payload, {} row(s) per transaction, {:.1} MiB of WAL, \
+             inserted in {:.1} s) committed before anything streams. Time until the last event is \
+             acknowledged (relay: slot confirmed past the backlog; pg_recvlogical: `--endpos`; raw \
+             producer: last delivery report). The relay's time includes its start ({}).\n",
+            c.events,
+            c.payload_bytes,
+            c.txn_rows,
+            c.wal_bytes as f64 / 1048576.0,
+            c.backlog_insert_s,
+            c.relay_startup_s
+                .map(|t| format!("{t:.2} s to its \"streaming\" log line"))
+                .unwrap_or_else(|| "unknown".into())
+        );
+        let _ = writeln!(
+            s,
+            "| run | time (s) | events/s | × ceiling | process CPU (µs/event) | process peak RSS (MiB) | PostgreSQL CPU (µs/event) | broker CPU (µs/event) | machine busy | other CPU (s) |\n|---|---|---|---|---|---|---|---|---|---|"
+        );
+        let ceiling = c.ceiling.events_per_s;
+        for run in [&c.ceiling, &c.raw_producer, &c.relay] {
+            catch_up_row(&mut s, run, ceiling);
+        }
+        let _ = writeln!(
+            s,
+            "\nRelay records counted in Kafka afterwards: {} of {}.\n",
+            c.relay_records_verified, c.events
+        );
+    }
+
+    if !r.steady.is_empty() {
+        let _ = writeln!(s, "## 2–3. Steady rates: commit → consumer latency\n");
+        let _ = writeln!(
+            s,
+            "Latency = consumer receive time − commit time (header `outbox-relay-commit-time`, \
+             PostgreSQL's commit timestamp; the polling relay puts `pg_xact_commit_timestamp(xmin)` \
+             there). Rows committed during a {:.0} s warm-up are excluded; windows last {:.0} s \
+             ({:.0} s for pollers with intervals of a second or more). 1-row transactions come from \
+             {} writers, {}-row transactions from {}. ⚠ marks a rate the writers could not sustain \
+             on this machine (achieved < 95 % of target).\n",
+            m.warmup_s, m.window_s, m.slow_poll_window_s, m.writers, m.txn_rows, m.txn_writers
+        );
+        let _ = writeln!(
+            s,
+            "| subject | rows/txn | target/s | achieved/s | p50 ms | p99 ms | p99.9 ms | max ms | samples | missing |\n|---|---|---|---|---|---|---|---|---|---|"
+        );
+        for w in &r.steady {
+            latency_row(&mut s, w);
+        }
+        let _ = writeln!(s, "\n![latency plot](latency.png)\n");
+        let _ = writeln!(
+            s,
+            "`latency.png`: p50 (thin line, circles), p99 (thick line, triangles) and, for the relay, \
+             p99.9 (dashed, crosses) against the insert rate, log-log; blue = relay, orange = \
+             polling every 100 ms, red = polling every 5 s; one panel per transaction shape.\n"
+        );
+
+        let _ = writeln!(s, "## 4. Resources per steady window\n");
+        let _ = writeln!(
+            s,
+            "CPU over the measurement window, as % of one core and µs per event; peak RSS of the \
+             relay (VmHWM, reset at each window's start) or of that window's polling process. \
+             PostgreSQL = postmaster and all backends (writers' inserts, walsender decoding or \
+             polling queries, autovacuum). \"bench\" = this program's writers' client side and \
+             consumer. \"other\" = CPU of processes outside the benchmark meanwhile.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| subject | rows/txn | rate/s | relay/poller µs/event | relay/poller % core | peak RSS MiB | PostgreSQL % core | PostgreSQL µs/event | broker % core | bench % core | machine busy | other CPU (s) |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+        );
+        for w in &r.steady {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.2} | {:.1} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} % | {:.1} |",
+                w.subject,
+                w.rows_per_txn,
+                w.target_rate,
+                w.process.cpu_per_event_us,
+                w.process.cpu_pct_of_core,
+                opt_mib(w.process.peak_rss_mib),
+                w.postgres.cpu_pct_of_core,
+                w.postgres.cpu_per_event_us,
+                w.broker.cpu_pct_of_core,
+                w.bench.cpu_pct_of_core,
+                w.machine.busy_pct,
+                w.machine.others_cpu_s
+            );
+        }
+        s.push('\n');
+    }
+
+    let _ = writeln!(s, "## Setup\n");
+    let _ = writeln!(
+        s,
+        "- Relay: `{} {}` (defaults otherwise: in-flight window, linger.ms=1, idempotent producer, acks=all).",
+        m.relay_binary,
+        m.relay_args.join(" ")
+    );
+    let _ = writeln!(
+        s,
+        "- PostgreSQL settings: {}.",
+        m.postgres_settings
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let _ = writeln!(
+        s,
+        "- Consumer: rdkafka, fetch.wait.max.ms={}, reading each window's topic from the start.",
+        m.consumer_fetch_wait_ms
+    );
+    let _ = writeln!(
+        s,
+        "- Everything (PostgreSQL, broker, relay, writers, consumer) shares {} cores, so \
+         the benchmark measures the relay under contention, not in isolation.",
+        m.cores
+    );
+    if !r.notes.is_empty() {
+        let _ = writeln!(s, "\n## Notes\n");
+        for n in &r.notes {
+            let _ = writeln!(s, "- {n}");
+        }
+    }
+    s
+}
+
+fn catch_up_row(s: &mut String, run: &CatchUpRun, ceiling: f64) {
+    let _ = writeln!(
+        s,
+        "| {} | {:.2} | {:.0} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {:.0} % | {:.1} |",
+        run.what,
+        run.elapsed_s,
+        run.events_per_s,
+        if ceiling > 0.0 {
+            run.events_per_s / ceiling
+        } else {
+            0.0
+        },
+        run.process.cpu_per_event_us,
+        opt_mib(run.process.peak_rss_mib),
+        run.postgres.cpu_per_event_us,
+        run.broker.cpu_per_event_us,
+        run.machine.busy_pct,
+        run.machine.others_cpu_s
+    );
+}
+
+fn latency_row(s: &mut String, w: &Window) {
+    let _ = writeln!(
+        s,
+        "| {} | {} | {} | {:.0}{} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} |",
+        w.subject,
+        w.rows_per_txn,
+        w.target_rate,
+        w.achieved_rate,
+        if w.sustained { "" } else { " ⚠" },
+        w.latency.p50_ms,
+        w.latency.p99_ms,
+        w.latency.p999_ms,
+        w.latency.max_ms,
+        w.latency.samples,
+        w.missing
+    );
+}

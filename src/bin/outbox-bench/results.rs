@@ -1,0 +1,145 @@
+//! Every figure the benchmark produces; serialised as-is to `results.json`
+//! and rendered by `report` and `plot`.
+
+use serde::Serialize;
+
+use crate::load::Latency;
+
+#[derive(Debug, Default, Serialize)]
+pub struct Results {
+    pub meta: Meta,
+    pub catch_up: Option<CatchUp>,
+    /// Steady-rate windows, relay and polling baselines alike.
+    pub steady: Vec<Window>,
+    /// Things the reader must know (unsustained rates, missing records, ...).
+    pub notes: Vec<String>,
+    pub targets: Vec<Target>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Meta {
+    pub started_at: String,
+    pub command_line: String,
+    pub quick: bool,
+    pub cores: usize,
+    pub load_average_at_start: String,
+    pub postgres_version: String,
+    pub postgres_settings: Vec<(String, String)>,
+    pub broker: String,
+    pub relay_binary: String,
+    pub relay_args: Vec<String>,
+    pub events: u64,
+    pub payload_bytes: usize,
+    pub backlog_txn_rows: usize,
+    pub rates: Vec<u64>,
+    pub warmup_s: f64,
+    pub window_s: f64,
+    pub slow_poll_window_s: f64,
+    pub writers: usize,
+    pub txn_writers: usize,
+    pub txn_rows: usize,
+    pub consumer_fetch_wait_ms: u32,
+    pub total_elapsed_s: f64,
+}
+
+/// CPU and memory of one process (or process tree) over one measurement.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Usage {
+    pub cpu_s: f64,
+    /// CPU as a share of one core over the measurement, in percent.
+    pub cpu_pct_of_core: f64,
+    /// CPU per event, µs.
+    pub cpu_per_event_us: f64,
+    /// Peak RSS (VmHWM) in MiB, for single processes.
+    pub peak_rss_mib: Option<f64>,
+}
+
+impl Usage {
+    pub fn new(cpu_s: f64, wall_s: f64, events: u64, peak_rss_kb: Option<u64>) -> Usage {
+        Usage {
+            cpu_s,
+            cpu_pct_of_core: if wall_s > 0.0 {
+                100.0 * cpu_s / wall_s
+            } else {
+                0.0
+            },
+            cpu_per_event_us: if events > 0 {
+                cpu_s * 1e6 / events as f64
+            } else {
+                0.0
+            },
+            peak_rss_mib: peak_rss_kb.map(|kb| kb as f64 / 1024.0),
+        }
+    }
+}
+
+/// What the whole machine did meanwhile (the benchmark shares it).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MachineUsage {
+    /// Busy share of all cores, percent.
+    pub busy_pct: f64,
+    /// CPU seconds of processes outside the benchmark (other developers' builds...).
+    pub others_cpu_s: f64,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct CatchUp {
+    pub events: u64,
+    pub payload_bytes: usize,
+    pub txn_rows: usize,
+    pub backlog_insert_s: f64,
+    pub wal_bytes: u64,
+    pub ceiling: CatchUpRun,
+    pub raw_producer: CatchUpRun,
+    pub relay: CatchUpRun,
+    /// Relay events/s divided by the pg_recvlogical ceiling's.
+    pub relay_ratio_to_ceiling: f64,
+    /// Seconds from the relay's start to its "streaming" log line.
+    pub relay_startup_s: Option<f64>,
+    /// Records of the relay's topic, counted by consuming it afterwards.
+    pub relay_records_verified: u64,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct CatchUpRun {
+    pub what: String,
+    pub elapsed_s: f64,
+    pub events_per_s: f64,
+    /// The process under test (pg_recvlogical, raw producer, relay).
+    pub process: Usage,
+    pub postgres: Usage,
+    pub broker: Usage,
+    pub machine: MachineUsage,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Window {
+    /// `relay`, `poll-100ms`, `poll-5s`...
+    pub subject: String,
+    pub rows_per_txn: usize,
+    pub writers: usize,
+    pub target_rate: u64,
+    pub achieved_rate: f64,
+    /// Writers reached ≥ 95 % of the target rate.
+    pub sustained: bool,
+    pub max_writer_delay_ms: f64,
+    pub rows_total: u64,
+    pub received: u64,
+    pub missing: u64,
+    pub latency: Latency,
+    /// The relay or polling process.
+    pub process: Usage,
+    pub postgres: Usage,
+    pub broker: Usage,
+    /// The benchmark process itself (writers' client side, consumer).
+    pub bench: Usage,
+    pub machine: MachineUsage,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Target {
+    pub what: String,
+    pub target: String,
+    pub measured: String,
+    pub met: Option<bool>,
+}

@@ -1,0 +1,255 @@
+//! What the scenarios share: the running servers, the settings, resource
+//! snapshots, and the processes under test (the relay binary, the benchmark's
+//! own `poll-relay` and `raw-produce` subcommands).
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::broker::Broker;
+use crate::cluster::{free_port, PgCluster};
+use crate::process::{self, Guarded, TempDir};
+use crate::resources;
+use crate::results::{MachineUsage, Usage};
+
+/// The outbox table the relay streams, its publication and slots.
+pub const RELAY_TABLE: &str = "public.outbox_events";
+pub const POLL_TABLE: &str = "public.outbox_poll";
+pub const PUBLICATION: &str = "bench_pub";
+pub const RELAY_SLOT: &str = "bench_relay";
+pub const CEILING_SLOT: &str = "bench_ceiling";
+
+/// Settings of one benchmark run (from the command line).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub events: u64,
+    pub payload_bytes: usize,
+    pub backlog_txn_rows: usize,
+    pub rates: Vec<u64>,
+    pub warmup: Duration,
+    pub window: Duration,
+    pub slow_poll_window: Duration,
+    pub writers: usize,
+    pub txn_writers: usize,
+    pub txn_rows: usize,
+    pub poll_intervals: Vec<Duration>,
+    pub poll_modes: Vec<usize>,
+    pub poll_batch: i64,
+    pub fetch_wait_ms: u32,
+    /// Record a `perf` profile of the relay during catch-up into this file.
+    pub perf_relay: Option<PathBuf>,
+}
+
+/// The servers and binaries every scenario uses.
+pub struct Ctx {
+    pub pg: PgCluster,
+    pub broker: Broker,
+    pub relay_bin: PathBuf,
+    pub self_exe: PathBuf,
+    /// Logs of the processes under test, summaries of the subcommands.
+    pub scratch: TempDir,
+    pub settings: Settings,
+}
+
+/// Everything sampled at one instant.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub at: Instant,
+    pub subject: Option<resources::ProcSample>,
+    pub pg_cpu_s: f64,
+    pub broker_cpu_s: f64,
+    pub bench_cpu_s: f64,
+    pub machine_busy_s: f64,
+    pub machine_total_s: f64,
+}
+
+impl Ctx {
+    pub fn snapshot(&self, subject: Option<u32>) -> Snapshot {
+        let (busy, total) = resources::machine_cpu_s();
+        Snapshot {
+            at: Instant::now(),
+            subject: subject.and_then(resources::sample),
+            pg_cpu_s: resources::tree_cpu_s(self.pg.pid()),
+            broker_cpu_s: resources::sample(self.broker.pid())
+                .map(|s| s.cpu_s)
+                .unwrap_or(0.0),
+            bench_cpu_s: resources::self_sample().cpu_s,
+            machine_busy_s: busy,
+            machine_total_s: total,
+        }
+    }
+
+    pub fn log_file(&self, name: &str) -> Result<(std::fs::File, std::fs::File), String> {
+        let path = self.scratch.path().join(name);
+        let f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| format!("open {}: {e}", path.display()))?;
+        let g = f.try_clone().map_err(|e| e.to_string())?;
+        Ok((f, g))
+    }
+
+    /// The relay's command line (after the binary).
+    pub fn relay_args(&self) -> Vec<String> {
+        vec![
+            "run".into(),
+            "--postgres-url".into(),
+            self.pg.url(),
+            "--kafka-brokers".into(),
+            self.broker.bootstrap(),
+            "--slot".into(),
+            RELAY_SLOT.into(),
+            "--publication".into(),
+            PUBLICATION.into(),
+            // Frequent status updates so the catch-up end (slot confirmed past
+            // the backlog) is seen within ~0.1 s.
+            "--status-interval".into(),
+            "100ms".into(),
+        ]
+    }
+
+    /// Starts the relay binary under test (log in the scratch dir).
+    pub fn spawn_relay(&self) -> Result<Guarded, String> {
+        let (out, err) = self.log_file("relay.log")?;
+        let http = free_port().map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(&self.relay_bin);
+        cmd.args(self.relay_args())
+            .env_remove("OUTBOX_RELAY_CONFIG")
+            // Its metrics listener on a free port (the default 9187 may be taken).
+            .env("OUTBOX_RELAY_HTTP_LISTEN", format!("127.0.0.1:{http}"))
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        process::spawn("outbox-relay", &mut cmd, libc::SIGTERM)
+            .map_err(|e| format!("spawn {}: {e}", self.relay_bin.display()))
+    }
+
+    pub fn relay_log(&self) -> String {
+        String::from_utf8_lossy(
+            &std::fs::read(self.scratch.path().join("relay.log")).unwrap_or_default(),
+        )
+        .into_owned()
+    }
+
+    /// Runs one of the benchmark's own subcommands as a child process.
+    pub fn spawn_self(&self, name: &str, args: &[String]) -> Result<Guarded, String> {
+        let (out, err) = self.log_file(&format!("{name}.log"))?;
+        let mut cmd = Command::new(&self.self_exe);
+        cmd.arg(name)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        process::spawn(name, &mut cmd, libc::SIGTERM)
+            .map_err(|e| format!("spawn {} {name}: {e}", self.self_exe.display()))
+    }
+
+    pub fn scratch_path(&self, name: &str) -> PathBuf {
+        self.scratch.path().join(name)
+    }
+}
+
+/// The figures between two snapshots.
+pub struct Between {
+    pub wall_s: f64,
+    pub subject_cpu_s: f64,
+    pub pg_cpu_s: f64,
+    pub broker_cpu_s: f64,
+    pub bench_cpu_s: f64,
+    pub machine: MachineUsage,
+}
+
+pub fn between(a: &Snapshot, b: &Snapshot) -> Between {
+    let subject_cpu_s = match (&a.subject, &b.subject) {
+        (Some(x), Some(y)) => y.cpu_s - x.cpu_s,
+        (None, Some(y)) => y.cpu_s,
+        _ => 0.0,
+    };
+    let pg = b.pg_cpu_s - a.pg_cpu_s;
+    let broker = b.broker_cpu_s - a.broker_cpu_s;
+    let bench = b.bench_cpu_s - a.bench_cpu_s;
+    let busy = b.machine_busy_s - a.machine_busy_s;
+    let total = b.machine_total_s - a.machine_total_s;
+    Between {
+        wall_s: b.at.duration_since(a.at).as_secs_f64(),
+        subject_cpu_s,
+        pg_cpu_s: pg,
+        broker_cpu_s: broker,
+        bench_cpu_s: bench,
+        machine: MachineUsage {
+            busy_pct: if total > 0.0 {
+                100.0 * busy / total
+            } else {
+                0.0
+            },
+            others_cpu_s: (busy - subject_cpu_s - pg - broker - bench).max(0.0),
+        },
+    }
+}
+
+impl Between {
+    pub fn usages(&self, events: u64, subject_hwm_kb: Option<u64>) -> (Usage, Usage, Usage, Usage) {
+        (
+            Usage::new(self.subject_cpu_s, self.wall_s, events, subject_hwm_kb),
+            Usage::new(self.pg_cpu_s, self.wall_s, events, None),
+            Usage::new(self.broker_cpu_s, self.wall_s, events, None),
+            Usage::new(self.bench_cpu_s, self.wall_s, events, None),
+        )
+    }
+}
+
+/// A SQL client, or an error string.
+pub async fn sql(ctx: &Ctx) -> Result<tokio_postgres::Client, String> {
+    ctx.pg.client().await
+}
+
+/// `confirmed_flush_lsn` of a slot as a number.
+pub async fn slot_confirmed(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<Option<u64>, String> {
+    let row = client
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| format!("read slot {slot}: {e}"))?;
+    Ok(row
+        .and_then(|r| r.get::<_, Option<String>>(0))
+        .and_then(|t| crate::cluster::parse_lsn(&t)))
+}
+
+pub async fn current_lsn(client: &tokio_postgres::Client) -> Result<u64, String> {
+    let t: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(|e| format!("pg_current_wal_lsn: {e}"))?
+        .get(0);
+    crate::cluster::parse_lsn(&t).ok_or_else(|| format!("bad LSN {t}"))
+}
+
+/// Waits for the relay to log `needle`; `None` after `timeout` or if it exited.
+pub async fn wait_log(
+    ctx: &Ctx,
+    relay: &mut Guarded,
+    needle: &str,
+    timeout: Duration,
+) -> Option<Instant> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if ctx.relay_log().contains(needle) {
+            return Some(Instant::now());
+        }
+        if relay.try_status().is_some() || Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}

@@ -1,0 +1,182 @@
+//! Scenarios 2 and 3: steady insert rates, commit → consumer latency, for the
+//! relay and for the polling baseline on the same load.
+//!
+//! One window = one subject, one transaction shape, one rate: a fresh topic, a
+//! consumer reading it from the start, writers for `warmup + window`, then a
+//! drain until every committed row was read (or a timeout, reported as
+//! missing). Only rows committed inside the window count for latency and CPU.
+
+use std::time::Duration;
+
+use crate::load::{self, LatencyConsumer, WriterPlan};
+use crate::process::Guarded;
+use crate::resources;
+use crate::results::Window;
+use crate::scenarios::{between, path_str, sql, Ctx, POLL_TABLE, RELAY_TABLE};
+
+/// Who moves rows to Kafka in a window.
+pub enum Subject<'a> {
+    Relay(&'a mut Guarded),
+    Polling { interval: Duration },
+}
+
+fn interval_label(d: Duration) -> String {
+    if d.as_millis() % 1000 == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+pub fn subject_label(s: &Subject<'_>) -> String {
+    match s {
+        Subject::Relay(_) => "relay".into(),
+        Subject::Polling { interval } => format!("poll-{}", interval_label(*interval)),
+    }
+}
+
+/// Runs one window.
+pub async fn window(
+    ctx: &Ctx,
+    subject: &mut Subject<'_>,
+    rows_per_txn: usize,
+    rate: u64,
+) -> Result<Window, String> {
+    let s = &ctx.settings;
+    let label = subject_label(subject);
+    let shape = format!("tx{rows_per_txn}_r{rate}");
+    let writers = if rows_per_txn == 1 {
+        s.writers
+    } else {
+        s.txn_writers
+    };
+    let (table, aggregatetype, topic, measure) = match subject {
+        Subject::Relay(_) => {
+            let agg = format!("steady_{shape}");
+            let topic = format!("outbox.event.{agg}");
+            (RELAY_TABLE, agg, topic, s.window)
+        }
+        Subject::Polling { interval } => {
+            let topic = format!("outbox.poll.{}.{shape}", interval_label(*interval));
+            let measure = if *interval >= Duration::from_secs(1) {
+                s.slow_poll_window.max(s.window)
+            } else {
+                s.window
+            };
+            (POLL_TABLE, format!("poll_{shape}"), topic, measure)
+        }
+    };
+    eprintln!(
+        "[bench] steady: {label}, {rows_per_txn} row(s)/txn, {rate} events/s, {} s",
+        measure.as_secs_f64()
+    );
+    ctx.broker.create_topic(&topic).await?;
+
+    // The polling relay of this window (the relay runs across windows).
+    let mut poller = None;
+    if let Subject::Polling { interval } = subject {
+        let client = sql(ctx).await?;
+        client
+            .batch_execute(&format!("TRUNCATE {POLL_TABLE}"))
+            .await
+            .map_err(|e| format!("truncate {POLL_TABLE}: {e}"))?;
+        let args = vec![
+            "--postgres-url".into(),
+            ctx.pg.url(),
+            "--brokers".into(),
+            ctx.broker.bootstrap(),
+            "--table".into(),
+            POLL_TABLE.into(),
+            "--topic".into(),
+            topic.clone(),
+            "--interval".into(),
+            interval_label(*interval),
+            "--batch".into(),
+            s.poll_batch.to_string(),
+            "--summary".into(),
+            path_str(&ctx.scratch_path("poll-relay.json")),
+        ];
+        poller = Some(ctx.spawn_self("poll-relay", &args)?);
+    }
+    let subject_pid = match (&*subject, &poller) {
+        (Subject::Relay(r), _) => r.pid(),
+        (_, Some(p)) => p.pid(),
+        _ => unreachable!("a polling window has its poller"),
+    };
+
+    let consumer = LatencyConsumer::start(&ctx.broker.bootstrap(), &topic, s.fetch_wait_ms)?;
+    consumer.wait_ready().await;
+    let hwm_reset = resources::reset_peak_rss(subject_pid);
+
+    let plan = WriterPlan {
+        table: table.to_string(),
+        aggregatetype,
+        rate: rate as f64,
+        rows_per_txn,
+        writers,
+        payload_bytes: s.payload_bytes,
+        warmup: s.warmup,
+        measure,
+    };
+    let snap_a = std::cell::RefCell::new(None);
+    let outcome = load::run_writers(&ctx.pg.url(), &plan, || {
+        *snap_a.borrow_mut() = Some(ctx.snapshot(Some(subject_pid)));
+    })
+    .await?;
+    let snap_b = ctx.snapshot(Some(subject_pid));
+    let snap_a = snap_a.into_inner().ok_or("the window never opened")?;
+
+    let drain = match subject {
+        Subject::Relay(_) => Duration::from_secs(15),
+        Subject::Polling { interval } => *interval + Duration::from_secs(15),
+    };
+    let stamps = consumer.finish(outcome.rows_total, drain).await?;
+    let mut peak_kb = resources::sample(subject_pid).map(|p| p.vm_hwm_kb);
+    if let Some(mut p) = poller {
+        p.stop(Duration::from_secs(10));
+        if let Some(last) = p.sample() {
+            peak_kb = Some(last.vm_hwm_kb.max(peak_kb.unwrap_or(0)));
+        }
+    }
+    if let Subject::Relay(r) = subject {
+        if let Some(status) = r.try_status() {
+            return Err(format!(
+                "the relay exited ({status}):\n{}",
+                crate::catchup::tail_str(&ctx.relay_log(), 30)
+            ));
+        }
+    }
+    ctx.broker.delete_topics(&[topic]).await;
+
+    let d = between(&snap_a, &snap_b);
+    let events = outcome.rows_in_window;
+    let (process, postgres, broker, bench) = d.usages(events, peak_kb);
+    let received = stamps.len() as u64;
+    let latency = load::latency(&stamps, outcome.window_start_us, outcome.window_end_us);
+    let w = Window {
+        subject: label,
+        rows_per_txn,
+        writers,
+        target_rate: rate,
+        achieved_rate: outcome.achieved_rate,
+        sustained: outcome.achieved_rate >= 0.95 * rate as f64,
+        max_writer_delay_ms: outcome.max_behind_ms,
+        rows_total: outcome.rows_total,
+        received,
+        missing: outcome.rows_total.saturating_sub(received),
+        latency,
+        process,
+        postgres,
+        broker,
+        bench,
+        machine: d.machine,
+    };
+    if !hwm_reset {
+        eprintln!("[bench] warning: could not reset the peak RSS of pid {subject_pid}; it is the process lifetime's");
+    }
+    eprintln!(
+        "[bench]   achieved {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms, missing {}",
+        w.achieved_rate, w.latency.p50_ms, w.latency.p99_ms, w.latency.p999_ms, w.latency.max_ms, w.missing
+    );
+    Ok(w)
+}

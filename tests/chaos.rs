@@ -1,0 +1,1192 @@
+//! Chaos suite: a steady outbox load through the relay while real faults hit it,
+//! then a check of every committed row against what the topics hold.
+//!
+//! Short mode runs with the suite (CI; about 2 minutes on 2 cores):
+//!
+//! ```text
+//! cargo nextest run --test chaos
+//! ```
+//!
+//! Long mode is run by hand (≥ 50 relay kills, ≥ 10 broker hangs, ≥ 5 broker
+//! restarts, ≥ 5 fast and ≥ 2 immediate PostgreSQL restarts, network cuts and
+//! stalls; about 20 minutes) and writes `target/chaos-report.md`. It outlives
+//! nextest's slow-timeout (300 s, `.config/nextest.toml`), so use libtest:
+//!
+//! ```text
+//! cargo test --test chaos -- --ignored --nocapture chaos_long
+//! ```
+//!
+//! Knobs: `CHAOS_SEED=N` replays a run's schedule and load shape (every
+//! run prints its seed; timing still varies), `CHAOS_PG=15|17` picks the
+//! PostgreSQL version (default 17); they are not `OUTBOX_RELAY_*` variables because
+//! the relay inherits the test's environment and rejects unknown ones of its prefix.
+//! The summary table is printed to stderr (nextest
+//! shows it with `--no-capture` or when the test fails).
+//!
+//! # What runs
+//!
+//! ```text
+//!  writers ──────────────────────────────► PostgreSQL ◄── pg proxy ◄──┐
+//!  (several tasks, 1..50-row transactions,     ▲                     relay (killed -9,
+//!   unique uid per row, retry only what        │ checker                restarted)
+//!   did not commit)                            ▼                      │
+//!                                        tansu (sqlite) ◄─ kafka proxy ◄┘
+//! ```
+//!
+//! The relay reaches both servers through [`harness::proxy::Proxy`]s (the broker
+//! advertises its proxy), so the network between them can be cut or stalled. Faults
+//! come one after another in a seeded random order, each followed by a recovery
+//! measurement: "resumed" is the first time the slot's confirmed position moves again
+//! (the relay delivered and confirmed something), "caught up" is when it passes the
+//! WAL position at the end of the fault. While the broker hangs, the confirmed
+//! position is sampled and must never pass a record that could not have been
+//! acknowledged (see [`World::broker_hang`]).
+
+mod harness;
+
+#[path = "chaos/check.rs"]
+mod check;
+#[path = "chaos/load.rs"]
+mod load;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom as _;
+use rand::{Rng, SeedableRng};
+
+use harness::proxy::Proxy;
+use harness::{
+    lsn_to_u64, unique_name, Broker, BrokerStorage, PgCluster, PgVersion, RelayProcess,
+    ShutdownMode,
+};
+use load::{LoadShape, Progress, MARKER_AGGREGATE, MARKER_KEY, MARKER_WRITER};
+
+const TABLE_SQL: &str = include_str!("../sql/01_outbox_table.sql");
+/// Relay log filter.
+const RELAY_LOG: &str = "info";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_short() {
+    run(Plan::short()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "long chaos run (~20 min): cargo test --test chaos -- --ignored --nocapture chaos_long"]
+async fn chaos_long() {
+    run(Plan::long()).await;
+}
+
+// ---------------------------------------------------------------------------
+// The plan
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum FaultKind {
+    RelayKill,
+    BrokerHang,
+    BrokerRestart,
+    PgFast,
+    PgImmediate,
+    CutPg,
+    StallPg,
+    CutKafka,
+    StallKafka,
+}
+
+impl FaultKind {
+    fn label(self) -> &'static str {
+        match self {
+            FaultKind::RelayKill => "relay kill -9 + restart",
+            FaultKind::BrokerHang => "broker hang (SIGSTOP)",
+            FaultKind::BrokerRestart => "broker kill -9 + restart",
+            FaultKind::PgFast => "PostgreSQL restart -m fast",
+            FaultKind::PgImmediate => "PostgreSQL crash -m immediate",
+            FaultKind::CutPg => "network cut relay-PostgreSQL",
+            FaultKind::StallPg => "network stall relay-PostgreSQL",
+            FaultKind::CutKafka => "network cut relay-broker",
+            FaultKind::StallKafka => "network stall relay-broker",
+        }
+    }
+}
+
+/// One scheduled fault: what, for how long, and (hangs) whether the relay is also
+/// killed and restarted while the broker hangs.
+#[derive(Clone, Copy, Debug)]
+struct Fault {
+    kind: FaultKind,
+    length: Duration,
+    kill_relay_midway: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Plan {
+    name: &'static str,
+    writers: u32,
+    shape: LoadShape,
+    /// Steady load between the recovery from one fault and the next fault (ms).
+    gap_ms: (u64, u64),
+    /// librdkafka's `message.timeout.ms` for the relay: hangs longer than this make
+    /// deliveries fail, and the relay reconnects and resumes from the slot.
+    message_timeout: Duration,
+    /// How long the relay may take to catch up after a fault.
+    recovery_deadline: Duration,
+    /// Whether to write `target/chaos-report.md`.
+    write_report: bool,
+    /// (kind, how many, length range in ms, share killing the relay midway)
+    faults: Vec<(FaultKind, usize, (u64, u64), f64)>,
+    /// Extra faults with fixed length ranges (e.g. a hang past the message timeout).
+    extra: Vec<(FaultKind, (u64, u64), bool)>,
+}
+
+impl Plan {
+    fn short() -> Plan {
+        Plan {
+            name: "short",
+            writers: 3,
+            shape: LoadShape {
+                pause_ms: (5, 40),
+                rollback_share: 0.03,
+            },
+            gap_ms: (500, 1500),
+            message_timeout: Duration::from_millis(3500),
+            recovery_deadline: Duration::from_secs(90),
+            write_report: false,
+            faults: vec![
+                (FaultKind::RelayKill, 3, (0, 600), 0.0),
+                (FaultKind::BrokerRestart, 1, (0, 1000), 0.0),
+                (FaultKind::PgFast, 1, (0, 0), 0.0),
+                (FaultKind::PgImmediate, 1, (0, 0), 0.0),
+                (FaultKind::CutPg, 1, (500, 2000), 0.0),
+                (FaultKind::StallPg, 1, (2000, 4000), 0.0),
+                (FaultKind::CutKafka, 1, (500, 2000), 0.0),
+                (FaultKind::StallKafka, 1, (2000, 4000), 0.0),
+            ],
+            // One hang inside the message timeout with a relay kill in the middle,
+            // one past it (deliveries time out, the relay reconnects).
+            extra: vec![
+                (FaultKind::BrokerHang, (2000, 3000), true),
+                (FaultKind::BrokerHang, (5000, 6500), false),
+            ],
+        }
+    }
+
+    fn long() -> Plan {
+        Plan {
+            name: "long",
+            writers: 4,
+            shape: LoadShape {
+                pause_ms: (5, 40),
+                rollback_share: 0.03,
+            },
+            gap_ms: (1000, 4000),
+            message_timeout: Duration::from_secs(10),
+            recovery_deadline: Duration::from_secs(180),
+            write_report: true,
+            faults: vec![
+                (FaultKind::RelayKill, 50, (0, 2000), 0.0),
+                (FaultKind::BrokerHang, 12, (5000, 30000), 0.5),
+                (FaultKind::BrokerRestart, 6, (0, 5000), 0.0),
+                (FaultKind::PgFast, 5, (0, 0), 0.0),
+                (FaultKind::PgImmediate, 3, (0, 0), 0.0),
+                (FaultKind::CutPg, 4, (1000, 10000), 0.0),
+                (FaultKind::StallPg, 4, (5000, 40000), 0.0),
+                (FaultKind::CutKafka, 4, (1000, 10000), 0.0),
+                (FaultKind::StallKafka, 4, (5000, 25000), 0.0),
+            ],
+            extra: vec![],
+        }
+    }
+
+    fn schedule(&self, rng: &mut StdRng) -> Vec<Fault> {
+        let mut out = Vec::new();
+        for &(kind, n, (lo, hi), kill_share) in &self.faults {
+            for _ in 0..n {
+                out.push(Fault {
+                    kind,
+                    length: Duration::from_millis(rng.gen_range(lo..=hi)),
+                    kill_relay_midway: rng.gen_bool(kill_share),
+                });
+            }
+        }
+        for &(kind, (lo, hi), kill) in &self.extra {
+            out.push(Fault {
+                kind,
+                length: Duration::from_millis(rng.gen_range(lo..=hi)),
+                kill_relay_midway: kill,
+            });
+        }
+        out.shuffle(rng);
+        out
+    }
+}
+
+fn seed() -> u64 {
+    match std::env::var("CHAOS_SEED") {
+        Ok(s) => {
+            let s = s.trim();
+            let parsed = match s.strip_prefix("0x") {
+                Some(hex) => u64::from_str_radix(hex, 16),
+                None => s.parse(),
+            };
+            parsed.unwrap_or_else(|_| panic!("CHAOS_SEED={s:?} is not a u64"))
+        }
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+    }
+}
+
+fn pg_version() -> PgVersion {
+    match std::env::var("CHAOS_PG").as_deref() {
+        Ok("15") => PgVersion::V15,
+        Ok("17") | Err(_) => PgVersion::V17,
+        Ok(other) => panic!("CHAOS_PG={other:?}: use 15 or 17"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Watching the slot
+// ---------------------------------------------------------------------------
+
+/// A SQL connection to PostgreSQL (direct, not through the proxy) that reconnects
+/// across restarts.
+struct Monitor {
+    url: String,
+    slot: String,
+    client: Option<tokio_postgres::Client>,
+}
+
+impl Monitor {
+    /// Runs `query` (one row, one column of type `T`) until it works or `DEADLINE`.
+    async fn one<T>(
+        &mut self,
+        query: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> T
+    where
+        T: for<'a> tokio_postgres::types::FromSql<'a>,
+    {
+        const DEADLINE: Duration = Duration::from_secs(120);
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if self.client.is_none() {
+                if let Ok(Ok((client, conn))) = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    tokio_postgres::connect(&self.url, tokio_postgres::NoTls),
+                )
+                .await
+                {
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                    });
+                    self.client = Some(client);
+                }
+            }
+            if let Some(client) = &self.client {
+                match client.query_one(query, params).await {
+                    Ok(row) => return row.get(0),
+                    Err(_) => self.client = None,
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "PostgreSQL did not answer {query:?} for {DEADLINE:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The slot's `confirmed_flush_lsn` (0 before the slot has one).
+    async fn confirmed(&mut self) -> u64 {
+        let slot = self.slot.clone();
+        let lsn: Option<String> = self
+            .one(
+                "SELECT (SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1)",
+                &[&slot],
+            )
+            .await;
+        lsn.map(|l| lsn_to_u64(&l)).unwrap_or(0)
+    }
+
+    /// `pg_current_wal_lsn()`: WAL written so far (what the relay can catch up to).
+    async fn write_lsn(&mut self) -> u64 {
+        let l: String = self.one("SELECT pg_current_wal_lsn()::text", &[]).await;
+        lsn_to_u64(&l)
+    }
+
+    /// `pg_current_wal_insert_lsn()`: every record inserted later starts above it.
+    async fn insert_lsn(&mut self) -> u64 {
+        let l: String = self
+            .one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await;
+        lsn_to_u64(&l)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The world: servers, proxies, the relay, and what happened to them
+// ---------------------------------------------------------------------------
+
+/// What one fault did and how long the relay took to get over it.
+#[derive(Clone, Debug)]
+struct FaultRecord {
+    kind: FaultKind,
+    /// Since the start of the load.
+    at: Duration,
+    /// How long the fault lasted (down time, hang, cut or stall).
+    length: Duration,
+    /// From the end of the fault to the slot's confirmed position moving again.
+    resumed: Duration,
+    /// From the end of the fault to the slot confirming the WAL position at its end.
+    caught_up: Duration,
+    note: String,
+}
+
+/// The slot samples taken during one broker hang.
+#[derive(Clone, Debug)]
+struct HangCheck {
+    at: Duration,
+    /// `pg_current_wal_insert_lsn()` right after SIGSTOP: a transaction whose commit
+    /// record starts above it committed during the hang, so none of its records
+    /// can have been acknowledged before SIGCONT.
+    insert_lsn_at_pause: u64,
+    /// `pg_current_wal_insert_lsn()` after the marker row committed (the marker is
+    /// such a transaction, so the slot must stay below its commit, hence below this).
+    after_marker: u64,
+    marker_uid: String,
+    max_confirmed: u64,
+    samples: usize,
+}
+
+struct World {
+    plan: Plan,
+    rng: StdRng,
+    pg: PgCluster,
+    broker: Broker,
+    pg_proxy: Proxy,
+    kafka_proxy: Proxy,
+    relay: RelayProcess,
+    /// Logs of relays killed so far.
+    old_relay_logs: Vec<String>,
+    slot: String,
+    publication: String,
+    monitor: Monitor,
+    started: Instant,
+    records: Vec<FaultRecord>,
+    hangs: Vec<HangCheck>,
+    relay_kills: usize,
+    markers: Vec<String>,
+}
+
+impl World {
+    fn relay_args(&self) -> Vec<String> {
+        relay_args(
+            &self.plan,
+            self.pg_proxy.addr(),
+            self.kafka_proxy.addr(),
+            &self.slot,
+            &self.publication,
+        )
+    }
+
+    fn spawn_relay(&self) -> RelayProcess {
+        RelayProcess::spawn(&self.relay_args(), &[("RUST_LOG", RELAY_LOG)])
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Panics (with the relay's log) if the relay exited on its own.
+    fn assert_relay_running(&mut self) {
+        if let Some(status) = self.relay.try_status() {
+            panic!(
+                "the relay exited on its own ({status}) at {:.1?}; it must only stop on fatal errors\n\
+                 --- relay log (tail) ---\n{}",
+                self.elapsed(),
+                tail(&self.relay.log(), 60)
+            );
+        }
+    }
+
+    fn kill_relay(&mut self) {
+        self.relay.kill9();
+        self.relay_kills += 1;
+        self.old_relay_logs.push(self.relay.log());
+    }
+
+    fn restart_relay(&mut self) {
+        self.relay = self.spawn_relay();
+    }
+
+    fn all_relay_logs(&self) -> String {
+        let mut all = self.old_relay_logs.join("\n");
+        all.push('\n');
+        all.push_str(&self.relay.log());
+        all
+    }
+
+    /// Inserts one marker row (its own transaction) through the monitor connection.
+    async fn insert_marker(&mut self) -> String {
+        let seq = self.markers.len() as u64;
+        let uid = format!("m-{seq}");
+        let row = load::RowSpec {
+            uid: uid.clone(),
+            seq,
+            aggregate: MARKER_AGGREGATE,
+            key: MARKER_KEY.to_string(),
+        };
+        let sql = load::insert_sql(MARKER_WRITER, seq, &[(row, 16)]);
+        let n: i64 = self
+            .monitor
+            .one(
+                &format!("WITH ins AS ({sql} RETURNING 1) SELECT count(*) FROM ins"),
+                &[],
+            )
+            .await;
+        assert_eq!(n, 1, "marker row inserted");
+        self.markers.push(uid.clone());
+        uid
+    }
+
+    async fn sleep_watching(&mut self, d: Duration) {
+        let until = Instant::now() + d;
+        while Instant::now() < until {
+            self.assert_relay_running();
+            tokio::time::sleep(Duration::from_millis(100).min(until - Instant::now())).await;
+        }
+    }
+
+    /// Injects `fault`; returns when it is over (the servers are back), with a note.
+    async fn inject(&mut self, fault: Fault) -> String {
+        match fault.kind {
+            FaultKind::RelayKill => {
+                self.kill_relay();
+                tokio::time::sleep(fault.length).await;
+                self.restart_relay();
+                String::new()
+            }
+            FaultKind::BrokerHang => self.broker_hang(fault).await,
+            FaultKind::BrokerRestart => {
+                tokio::task::block_in_place(|| self.broker.kill9());
+                tokio::time::sleep(fault.length).await;
+                tokio::task::block_in_place(|| self.broker.restart());
+                String::new()
+            }
+            FaultKind::PgFast | FaultKind::PgImmediate => {
+                let mode = if fault.kind == FaultKind::PgFast {
+                    ShutdownMode::Fast
+                } else {
+                    ShutdownMode::Immediate
+                };
+                let began = Instant::now();
+                tokio::task::block_in_place(|| self.pg.restart(mode));
+                format!("down {:.1?}", began.elapsed())
+            }
+            FaultKind::CutPg | FaultKind::CutKafka => {
+                let proxy = if fault.kind == FaultKind::CutPg {
+                    &self.pg_proxy
+                } else {
+                    &self.kafka_proxy
+                };
+                let open = proxy.open_connections();
+                proxy.cut();
+                self.sleep_watching(fault.length).await;
+                let proxy = if fault.kind == FaultKind::CutPg {
+                    &self.pg_proxy
+                } else {
+                    &self.kafka_proxy
+                };
+                proxy.resume();
+                format!("{open} connections reset")
+            }
+            FaultKind::StallPg | FaultKind::StallKafka => {
+                let proxy = if fault.kind == FaultKind::StallPg {
+                    &self.pg_proxy
+                } else {
+                    &self.kafka_proxy
+                };
+                let open = proxy.open_connections();
+                proxy.stall();
+                self.sleep_watching(fault.length).await;
+                let proxy = if fault.kind == FaultKind::StallPg {
+                    &self.pg_proxy
+                } else {
+                    &self.kafka_proxy
+                };
+                proxy.resume();
+                format!("{open} connections stalled")
+            }
+        }
+    }
+
+    /// SIGSTOP the broker for `fault.length` and sample the slot all along: its
+    /// confirmed position must stay below the commit of a marker row inserted after
+    /// the pause (the marker cannot be acknowledged before SIGCONT). The tighter
+    /// bound, the first commit above the insert position at the pause, is checked
+    /// after the run from the records' commit LSN headers.
+    async fn broker_hang(&mut self, fault: Fault) -> String {
+        self.broker.pause();
+        let paused = Instant::now();
+        let insert_lsn_at_pause = self.monitor.insert_lsn().await;
+        let marker_uid = self.insert_marker().await;
+        let after_marker = self.monitor.insert_lsn().await;
+        let mut check = HangCheck {
+            at: self.elapsed(),
+            insert_lsn_at_pause,
+            after_marker,
+            marker_uid,
+            max_confirmed: 0,
+            samples: 0,
+        };
+        let mut killed = !fault.kill_relay_midway;
+        let mut note = String::new();
+        while paused.elapsed() < fault.length {
+            let confirmed = self.monitor.confirmed().await;
+            check.samples += 1;
+            check.max_confirmed = check.max_confirmed.max(confirmed);
+            assert!(
+                confirmed <= after_marker,
+                "while the broker hangs the slot confirmed {confirmed:X}, past the marker {} \
+                 committed during the hang (insert position after it {after_marker:X}, at the \
+                 pause {insert_lsn_at_pause:X}): the relay confirmed records the broker never \
+                 acknowledged",
+                check.marker_uid
+            );
+            if !killed && paused.elapsed() >= fault.length / 2 {
+                self.kill_relay();
+                self.restart_relay();
+                killed = true;
+                note = "relay killed and restarted mid-hang".into();
+            }
+            self.assert_relay_running();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.broker.resume();
+        write!(
+            note,
+            "{}{} slot samples",
+            if note.is_empty() { "" } else { "; " },
+            check.samples
+        )
+        .unwrap();
+        self.hangs.push(check);
+        note
+    }
+
+    /// Waits until the relay delivers again and catches up with the WAL written by
+    /// the end of the fault; returns (resumed, caught up) since `fault_end`.
+    async fn recovery(&mut self, fault_end: Instant, what: &str) -> (Duration, Duration) {
+        let start_confirmed = self.monitor.confirmed().await;
+        let target = self.monitor.write_lsn().await;
+        let mut resumed = None;
+        loop {
+            self.assert_relay_running();
+            let confirmed = self.monitor.confirmed().await;
+            if resumed.is_none() && confirmed > start_confirmed {
+                resumed = Some(fault_end.elapsed());
+            }
+            if confirmed >= target {
+                let caught_up = fault_end.elapsed();
+                return (resumed.unwrap_or(caught_up), caught_up);
+            }
+            if fault_end.elapsed() > self.plan.recovery_deadline {
+                panic!(
+                    "after {what} the relay did not catch up within {:?}: slot at {confirmed:X}, \
+                     WAL at the end of the fault {target:X} (slot at {start_confirmed:X} then)\n\
+                     --- relay log (tail) ---\n{}",
+                    self.plan.recovery_deadline,
+                    tail(&self.relay.log(), 80)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The relay's command line: both servers through their proxies, quick status
+/// updates and reconnects, three partitions per topic (delivery reports then come
+/// back out of order across partitions).
+fn relay_args(
+    plan: &Plan,
+    pg: SocketAddr,
+    kafka: SocketAddr,
+    slot: &str,
+    publication: &str,
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "run",
+        "--postgres-url",
+        &format!("postgres://postgres@{pg}/postgres"),
+        "--kafka-brokers",
+        &kafka.to_string(),
+        "--slot",
+        slot,
+        "--publication",
+        publication,
+        "--status-interval",
+        "200ms",
+        "--reconnect-backoff-min",
+        "100ms",
+        "--reconnect-backoff-max",
+        "1s",
+        "--connect-timeout",
+        "5s",
+        "--topic-partitions",
+        "3",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for (k, v) in [
+        (
+            "message.timeout.ms",
+            plan.message_timeout.as_millis().to_string(),
+        ),
+        // Reconnect to a restarted broker within a second, not librdkafka's 10 s.
+        ("reconnect.backoff.max.ms", "1000".to_string()),
+    ] {
+        args.push("--kafka-property".into());
+        args.push(format!("{k}={v}"));
+    }
+    args
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+// ---------------------------------------------------------------------------
+// The run
+// ---------------------------------------------------------------------------
+
+async fn run(plan: Plan) {
+    let seed = seed();
+    let version = pg_version();
+    eprintln!(
+        "[chaos] {} mode, PostgreSQL {version}, seed {seed} (replay: CHAOS_SEED={seed})",
+        plan.name
+    );
+    let mut rng = StdRng::seed_from_u64(seed);
+    let schedule = plan.schedule(&mut rng);
+
+    let pg = PgCluster::start(version, &[]);
+    let setup = pg.client().await;
+    setup.batch_execute(TABLE_SQL).await.expect("outbox table");
+    setup
+        .batch_execute(load::UID_INDEX_SQL)
+        .await
+        .expect("uid index");
+    drop(setup);
+    let pg_proxy = Proxy::start("postgres", SocketAddr::from(([127, 0, 0, 1], pg.port())));
+    let kafka_proxy = Proxy::start_without_upstream("kafka");
+    let broker = Broker::start_advertising(BrokerStorage::Sqlite, kafka_proxy.addr());
+    kafka_proxy.set_upstream(SocketAddr::from(([127, 0, 0, 1], broker.port())));
+    broker.warm_up().await;
+
+    let slot = unique_name("chaos_slot");
+    let monitor = Monitor {
+        url: pg.url(),
+        slot: slot.clone(),
+        client: None,
+    };
+    let publication = unique_name("chaos_pub");
+    let relay = RelayProcess::spawn(
+        &relay_args(
+            &plan,
+            pg_proxy.addr(),
+            kafka_proxy.addr(),
+            &slot,
+            &publication,
+        ),
+        &[("RUST_LOG", RELAY_LOG)],
+    );
+    let mut world = World {
+        plan: plan.clone(),
+        rng: StdRng::seed_from_u64(seed ^ 0x5eed),
+        pg,
+        broker,
+        pg_proxy,
+        kafka_proxy,
+        relay,
+        old_relay_logs: Vec::new(),
+        slot,
+        publication,
+        monitor,
+        started: Instant::now(),
+        records: Vec::new(),
+        hangs: Vec::new(),
+        relay_kills: 0,
+        markers: Vec::new(),
+    };
+    // Writers start once the slot exists: rows committed before are not streamed.
+    world
+        .relay
+        .wait_for_log("streaming", Duration::from_secs(60))
+        .await;
+
+    // The load.
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(Progress::default());
+    let writers: Vec<_> = (0..plan.writers)
+        .map(|w| {
+            tokio::spawn(load::writer(
+                w,
+                world.pg.url(),
+                seed.wrapping_add(u64::from(w) + 1),
+                plan.shape.clone(),
+                stop.clone(),
+                progress.clone(),
+            ))
+        })
+        .collect();
+    world.started = Instant::now();
+    let first = world.monitor.confirmed().await;
+    while world.monitor.confirmed().await <= first {
+        world.assert_relay_running();
+        assert!(
+            world.elapsed() < Duration::from_secs(60),
+            "the relay delivered nothing within 60 s of the load starting"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The faults.
+    let total = schedule.len();
+    for (i, fault) in schedule.into_iter().enumerate() {
+        let gap = world.rng.gen_range(plan.gap_ms.0..=plan.gap_ms.1);
+        world.sleep_watching(Duration::from_millis(gap)).await;
+        let at = world.elapsed();
+        let began = Instant::now();
+        let note = world.inject(fault).await;
+        let length = began.elapsed();
+        let end = Instant::now();
+        let (resumed, caught_up) = world.recovery(end, fault.kind.label()).await;
+        eprintln!(
+            "[chaos] {:>6.1}s {:>3}/{total} {:<32} {:>6.1?}  resumed {:>6.1?}  caught up {:>6.1?}  {} rows so far  {note}",
+            at.as_secs_f64(),
+            i + 1,
+            fault.kind.label(),
+            length,
+            resumed,
+            caught_up,
+            progress.rows.load(Ordering::Relaxed),
+        );
+        world.records.push(FaultRecord {
+            kind: fault.kind,
+            at,
+            length,
+            resumed,
+            caught_up,
+            note,
+        });
+    }
+    let faults_done = world.elapsed();
+
+    // Stop the load; everything committed must arrive.
+    stop.store(true, Ordering::Relaxed);
+    let mut ledgers = Vec::new();
+    for w in writers {
+        ledgers.push(w.await.expect("writer task"));
+    }
+    let end_lsn = world.monitor.write_lsn().await;
+    let drain_began = Instant::now();
+    loop {
+        world.assert_relay_running();
+        if world.monitor.confirmed().await >= end_lsn {
+            break;
+        }
+        assert!(
+            drain_began.elapsed() < plan.recovery_deadline,
+            "the relay did not confirm the end of the load ({end_lsn:X}) within {:?}",
+            plan.recovery_deadline
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // What the table holds, and what the writers say they committed.
+    let client = world.pg.client().await;
+    let expected = check::read_expected(&client).await;
+    let mut committed_uids: HashSet<String> = world.markers.iter().cloned().collect();
+    let mut rolled_back: HashSet<String> = HashSet::new();
+    for l in &ledgers {
+        for t in &l.committed {
+            committed_uids.extend(t.rows.iter().map(|r| r.uid.clone()));
+        }
+        rolled_back.extend(l.rolled_back.iter().cloned());
+    }
+    let in_table: HashSet<String> = expected.keys().cloned().collect();
+    let not_in_table: Vec<&String> = committed_uids.difference(&in_table).take(5).collect();
+    let not_in_ledger: Vec<&String> = in_table.difference(&committed_uids).take(5).collect();
+    assert!(
+        not_in_table.is_empty() && not_in_ledger.is_empty(),
+        "the writers' ledgers and the table disagree (a test bug): committed but absent {not_in_table:?}, \
+         present but not committed {not_in_ledger:?}"
+    );
+
+    // What the topics hold.
+    let topics: Vec<String> = expected
+        .values()
+        .map(|r| r.topic.clone())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let bootstrap = world.broker.bootstrap();
+    let consume_began = Instant::now();
+    let deliveries = tokio::task::spawn_blocking(move || {
+        check::consume_all(&bootstrap, &topics, &in_table, Duration::from_secs(180))
+    })
+    .await
+    .expect("consumer task");
+    let consume_time = consume_began.elapsed();
+    let verdict = check::check(&expected, &rolled_back, &deliveries);
+
+    // The slot during each hang against the first commit that could not have been
+    // acknowledged, from the records' commit LSN headers.
+    let mut hang_failures = Vec::new();
+    let mut hang_margin = u64::MAX;
+    for h in &world.hangs {
+        let bound = verdict
+            .commit_lsn
+            .values()
+            .copied()
+            .filter(|&l| l > h.insert_lsn_at_pause)
+            .min();
+        match bound {
+            Some(b) if h.max_confirmed > b => hang_failures.push(format!(
+                "hang at {:.1?}: slot confirmed {:X}, past {:X}, the commit of the first transaction \
+                 after the pause (insert position {:X}; after the marker {} {:X})",
+                h.at, h.max_confirmed, b, h.insert_lsn_at_pause, h.marker_uid, h.after_marker
+            )),
+            Some(b) => hang_margin = hang_margin.min(b - h.max_confirmed),
+            None => hang_failures.push(format!(
+                "hang at {:.1?}: no delivered commit after the pause (marker {})",
+                h.at, h.marker_uid
+            )),
+        }
+    }
+
+    // The relay's own account: sessions that failed, producer rebuilds, panics.
+    world.relay.sigterm();
+    let exit = world.relay.wait_exit(Duration::from_secs(40)).await;
+    let logs = world.all_relay_logs();
+    let count = |needle: &str| logs.lines().filter(|l| l.contains(needle)).count();
+    let relay_stats = RelayStats {
+        sessions_failed: count("replication session failed"),
+        producer_rebuilds: count("rebuilding the kafka producer"),
+        errors: count(" ERROR "),
+        panics: count("panicked at"),
+        error_kinds: error_kinds(&logs),
+    };
+
+    let report = Report {
+        plan: &plan,
+        seed,
+        version,
+        faults_done,
+        total: world.elapsed(),
+        consume_time,
+        records: &world.records,
+        hangs: &world.hangs,
+        hang_margin,
+        relay_kills: world.relay_kills,
+        ledgers: &ledgers,
+        markers: world.markers.len(),
+        verdict: &verdict,
+        relay: &relay_stats,
+        proxies: [
+            (
+                "postgres",
+                world.pg_proxy.stats().accepted.load(Ordering::Relaxed),
+                world.pg_proxy.stats().reset.load(Ordering::Relaxed),
+            ),
+            (
+                "kafka",
+                world.kafka_proxy.stats().accepted.load(Ordering::Relaxed),
+                world.kafka_proxy.stats().reset.load(Ordering::Relaxed),
+            ),
+        ],
+    }
+    .render();
+    eprintln!("{report}");
+    if plan.write_report {
+        let path = report_path();
+        std::fs::write(&path, &report).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        eprintln!("[chaos] report written to {}", path.display());
+    }
+
+    let mut failures = verdict.failures();
+    failures.extend(hang_failures);
+    if relay_stats.panics > 0 {
+        failures.push(format!(
+            "the relay panicked {} times (see its logs)",
+            relay_stats.panics
+        ));
+    }
+    match exit {
+        Some(s) if s.success() => {}
+        other => failures.push(format!("the relay did not exit 0 on SIGTERM: {other:?}")),
+    }
+    assert!(
+        failures.is_empty(),
+        "chaos run failed (seed {seed}):\n  {}\n--- relay log (tail) ---\n{}",
+        failures.join("\n  "),
+        tail(&world.relay.log(), 60)
+    );
+}
+
+fn report_path() -> std::path::PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    target.join("chaos-report.md")
+}
+
+/// The `error = ...` of "replication session failed" lines, by their first words.
+fn error_kinds(logs: &str) -> BTreeMap<String, usize> {
+    let mut kinds = BTreeMap::new();
+    for line in logs
+        .lines()
+        .filter(|l| l.contains("replication session failed"))
+    {
+        let Some(start) = line.find("error=") else {
+            continue;
+        };
+        let rest = &line[start + "error=".len()..];
+        let rest = rest.trim_start_matches('"');
+        let kind: String = rest
+            .split_whitespace()
+            .take(5)
+            .collect::<Vec<_>>()
+            .join(" ");
+        *kinds.entry(kind).or_insert(0) += 1;
+    }
+    kinds
+}
+
+struct RelayStats {
+    sessions_failed: usize,
+    producer_rebuilds: usize,
+    errors: usize,
+    panics: usize,
+    error_kinds: BTreeMap<String, usize>,
+}
+
+struct Report<'a> {
+    plan: &'a Plan,
+    seed: u64,
+    version: PgVersion,
+    faults_done: Duration,
+    total: Duration,
+    consume_time: Duration,
+    records: &'a [FaultRecord],
+    hangs: &'a [HangCheck],
+    hang_margin: u64,
+    relay_kills: usize,
+    ledgers: &'a [load::Ledger],
+    markers: usize,
+    verdict: &'a check::Verdict,
+    relay: &'a RelayStats,
+    proxies: [(&'static str, u64, u64); 2],
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+impl Report<'_> {
+    fn render(&self) -> String {
+        let mut out = String::new();
+        let v = self.verdict;
+        writeln!(
+            out,
+            "# outbox-relay chaos report ({} mode)\n\nPostgreSQL {}, tansu sqlite, seed {}; faults over {}, run {} in total.\n",
+            self.plan.name,
+            self.version,
+            self.seed,
+            secs(self.faults_done),
+            secs(self.total)
+        )
+        .unwrap();
+        writeln!(
+            out,
+            "| fault | count | length (max) | resumed (max) | caught up (max) |"
+        )
+        .unwrap();
+        writeln!(out, "|---|---:|---:|---:|---:|").unwrap();
+        let mut by_kind: BTreeMap<FaultKind, Vec<&FaultRecord>> = BTreeMap::new();
+        for r in self.records {
+            by_kind.entry(r.kind).or_default().push(r);
+        }
+        for (kind, rs) in &by_kind {
+            let max =
+                |f: fn(&FaultRecord) -> Duration| rs.iter().map(|r| f(r)).max().unwrap_or_default();
+            writeln!(
+                out,
+                "| {} | {} | {} | {} | {} |",
+                kind.label(),
+                rs.len(),
+                secs(max(|r| r.length)),
+                secs(max(|r| r.resumed)),
+                secs(max(|r| r.caught_up)),
+            )
+            .unwrap();
+        }
+        let worst = self.records.iter().max_by_key(|r| r.resumed);
+        let worst_catch = self.records.iter().max_by_key(|r| r.caught_up);
+        let mid_hang_kills = self.relay_kills
+            - self
+                .records
+                .iter()
+                .filter(|r| r.kind == FaultKind::RelayKill)
+                .count();
+        let txns: usize = self.ledgers.iter().map(|l| l.committed.len()).sum();
+        let rolled_back: usize = self.ledgers.iter().map(|l| l.rolled_back.len()).sum();
+        let in_doubt: u64 = self.ledgers.iter().map(|l| l.in_doubt).sum();
+        let in_doubt_committed: u64 = self.ledgers.iter().map(|l| l.in_doubt_committed).sum();
+        let retried: u64 = self.ledgers.iter().map(|l| l.retried).sum();
+        let samples: usize = self.hangs.iter().map(|h| h.samples).sum();
+        writeln!(out).unwrap();
+        writeln!(out, "| figure | value |").unwrap();
+        writeln!(out, "|---|---|").unwrap();
+        let mut row = |k: &str, v: String| writeln!(out, "| {k} | {v} |").unwrap();
+        row(
+            "faults injected",
+            format!(
+                "{} (+{mid_hang_kills} relay kills during hangs; {} relay kills in all)",
+                self.records.len(),
+                self.relay_kills
+            ),
+        );
+        row(
+            "rows committed",
+            format!(
+                "{} in {txns} transactions by {} writers, + {} marker rows",
+                v.rows - self.markers,
+                self.ledgers.len(),
+                self.markers
+            ),
+        );
+        row(
+            "rows rolled back (must never appear)",
+            rolled_back.to_string(),
+        );
+        row(
+            "writer transactions in doubt after an outage",
+            format!("{in_doubt} ({in_doubt_committed} had committed, {retried} sent again)"),
+        );
+        row(
+            "records consumed",
+            format!(
+                "{} (read back in {})",
+                v.deliveries,
+                secs(self.consume_time)
+            ),
+        );
+        row("missing", v.missing.count.to_string());
+        row(
+            "duplicates",
+            format!(
+                "{} ({:.2}% of rows)",
+                v.duplicates,
+                100.0 * v.duplicates as f64 / v.rows.max(1) as f64
+            ),
+        );
+        row(
+            "phantom / mismatched / provenance / order problems",
+            format!(
+                "{} / {} / {} / {}",
+                v.phantoms.count, v.mismatches.count, v.provenance.count, v.order.count
+            ),
+        );
+        row(
+            "max recovery (fault end → delivering again)",
+            worst
+                .map(|r| {
+                    format!(
+                        "{} after {} at {}",
+                        secs(r.resumed),
+                        r.kind.label(),
+                        secs(r.at)
+                    )
+                })
+                .unwrap_or_default(),
+        );
+        row(
+            "max catch-up (fault end → slot past the WAL of then)",
+            worst_catch
+                .map(|r| {
+                    format!(
+                        "{} after {} at {}",
+                        secs(r.caught_up),
+                        r.kind.label(),
+                        secs(r.at)
+                    )
+                })
+                .unwrap_or_default(),
+        );
+        row(
+            "slot during broker hangs",
+            format!(
+                "{} hangs, {samples} samples, never past an unacknowledged commit{}",
+                self.hangs.len(),
+                if self.hang_margin == u64::MAX {
+                    String::new()
+                } else {
+                    format!(" (closest: {} bytes below)", self.hang_margin)
+                }
+            ),
+        );
+        row(
+            "relay sessions failed / producer rebuilds / ERROR lines / panics",
+            format!(
+                "{} / {} / {} / {}",
+                self.relay.sessions_failed,
+                self.relay.producer_rebuilds,
+                self.relay.errors,
+                self.relay.panics
+            ),
+        );
+        for (name, accepted, reset) in self.proxies {
+            row(
+                &format!("{name} proxy connections / reset"),
+                format!("{accepted} / {reset}"),
+            );
+        }
+        if !self.relay.error_kinds.is_empty() {
+            writeln!(
+                out,
+                "\nWhy relay sessions failed (first words of the error):\n"
+            )
+            .unwrap();
+            for (k, n) in &self.relay.error_kinds {
+                writeln!(out, "- {n} × {k}").unwrap();
+            }
+        }
+        writeln!(out, "\n## Events\n").unwrap();
+        writeln!(out, "| at | fault | length | resumed | caught up | note |").unwrap();
+        writeln!(out, "|---:|---|---:|---:|---:|---|").unwrap();
+        for r in self.records {
+            writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} |",
+                secs(r.at),
+                r.kind.label(),
+                secs(r.length),
+                secs(r.resumed),
+                secs(r.caught_up),
+                r.note
+            )
+            .unwrap();
+        }
+        out
+    }
+}

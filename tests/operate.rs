@@ -1,0 +1,335 @@
+//! Operating the relay: metrics and readiness under load and under a paused
+//! broker, `status --json`, bookmarks and replay, `--start-lsn`, `peek`.
+
+mod harness;
+
+use std::collections::HashSet;
+use std::process::Command;
+use std::time::Duration;
+
+use harness::outbox::{insert_rows, Env, Expected, DEADLINE};
+use harness::{current_wal_lsn, lsn_to_u64, wait_for, wait_until, PgVersion, RelayProcess};
+
+/// Run a one-shot relay command (status, bookmark, replay, peek) to completion.
+fn command(env: &Env, args: &[&str]) -> (i32, String, String) {
+    let mut full: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    full.extend([
+        "--postgres-url".to_string(),
+        env.pg.url(),
+        "--slot".to_string(),
+        env.slot.clone(),
+        "--publication".to_string(),
+        env.publication.clone(),
+    ]);
+    if matches!(args[0], "replay") {
+        full.extend(["--kafka-brokers".to_string(), env.broker.bootstrap()]);
+    }
+    let out = Command::new(RelayProcess::binary())
+        .args(&full)
+        .output()
+        .expect("run the relay binary");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The relay's HTTP address, from its log line.
+async fn http_addr(relay: &mut RelayProcess) -> String {
+    wait_for(DEADLINE, "the relay logs its HTTP address", || {
+        let log = relay.log();
+        async move {
+            let line = log.lines().find(|l| l.contains("serving /metrics"))?;
+            let at = line.find("addr=")? + "addr=".len();
+            Some(line[at..].split_whitespace().next()?.to_string())
+        }
+    })
+    .await
+}
+
+async fn get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to /metrics");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    let code = buf[9..12].parse().unwrap();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+/// Value of an unlabelled sample (or the sum over its labels).
+fn metric(text: &str, name: &str) -> f64 {
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("/metrics parses");
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_readiness_follow_load_and_broker_pause() {
+    let mut env = Env::new(PgVersion::V17).await;
+    let client = env.client().await;
+    let mut relay = RelayProcess::spawn(
+        &env.args(&["--ready-stall-timeout", "3s"]),
+        &[("RUST_LOG", "info")],
+    );
+    env.wait_streaming(&mut relay).await;
+    let addr = http_addr(&mut relay).await;
+    assert_eq!(get(&addr, "/healthz").await.0, 200);
+    let n = insert_rows(&client, 0, 20, 5).await;
+    let expected = Expected::read(&client).await;
+    expected.check(&expected.consume(&env.broker).await);
+    wait_until(DEADLINE, "metrics count every produced record", || {
+        let addr = addr.clone();
+        async move {
+            let (_, body) = get(&addr, "/metrics").await;
+            metric(&body, "outbox_relay_produced_records_total") >= n as f64
+                && metric(&body, "outbox_relay_end_to_end_latency_seconds_count") >= n as f64
+                && metric(&body, "outbox_relay_in_flight_records") == 0.0
+                && metric(&body, "outbox_relay_confirmed_lsn") > 0.0
+        }
+    })
+    .await;
+    assert_eq!(get(&addr, "/readyz").await.0, 200);
+
+    // Broker hangs: records stay in flight, readiness drops, lag grows.
+    env.broker.pause();
+    insert_rows(&client, n, 10, 3).await;
+    client
+        .batch_execute(
+            "CREATE TABLE noise(x int); INSERT INTO noise SELECT generate_series(1, 50000)",
+        )
+        .await
+        .unwrap();
+    wait_until(
+        DEADLINE,
+        "readiness drops while acknowledgements stall",
+        || {
+            let addr = addr.clone();
+            async move { get(&addr, "/readyz").await.0 == 503 }
+        },
+    )
+    .await;
+    let (_, body) = get(&addr, "/metrics").await;
+    assert!(
+        metric(&body, "outbox_relay_in_flight_records") > 0.0,
+        "{body}"
+    );
+    wait_until(DEADLINE, "lag in bytes is sampled and grows", || {
+        let addr = addr.clone();
+        async move {
+            metric(
+                &get(&addr, "/metrics").await.1,
+                "outbox_relay_slot_lag_bytes",
+            ) > 100_000.0
+        }
+    })
+    .await;
+
+    env.broker.resume();
+    wait_until(DEADLINE, "readiness and the window recover", || {
+        let addr = addr.clone();
+        async move {
+            let (code, body) = get(&addr, "/readyz").await;
+            let (_, metrics) = get(&addr, "/metrics").await;
+            code == 200
+                && !body.is_empty()
+                && metric(&metrics, "outbox_relay_in_flight_records") == 0.0
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_json_and_exit_codes() {
+    let env = Env::new(PgVersion::V15).await;
+    let client = env.client().await;
+    let (code, _, err) = command(&env, &["status", "--json"]);
+    assert_eq!(code, 1, "a missing slot exits 1: {err}");
+    let mut relay = env.relay();
+    env.wait_streaming(&mut relay).await;
+    insert_rows(&client, 0, 5, 2).await;
+    let end = lsn_to_u64(&current_wal_lsn(&client).await);
+    wait_until(DEADLINE, "slot confirms the rows", || async {
+        env.confirmed(&client).await >= end
+    })
+    .await;
+    let (code, out, err) = command(&env, &["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("status --json is JSON");
+    let text = v.to_string();
+    let confirmed: String = client
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&env.slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        text.contains(&format!("\"{confirmed}\"")),
+        "confirmed LSN {confirmed} in {text}"
+    );
+    assert!(text.contains("pgoutput"), "{text}");
+    assert!(text.contains("outbox_events"), "publication tables: {text}");
+    // The human form names the slot too.
+    let (code, out, _) = command(&env, &["status"]);
+    assert_eq!(code, 0);
+    assert!(out.contains(&env.slot), "{out}");
+    // A retained-WAL threshold of one byte trips exit code 3.
+    let (code, _, _) = command(&env, &["status", "--max-retained-bytes", "1"]);
+    assert_eq!(code, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bookmark_replay_redelivers_exactly_what_came_after() {
+    let env = Env::new(PgVersion::V17).await;
+    let client = env.client().await;
+    let mut relay = env.relay();
+    env.wait_streaming(&mut relay).await;
+    let a_end = insert_rows(&client, 0, 10, 3).await;
+    let after_a = lsn_to_u64(&current_wal_lsn(&client).await);
+    wait_until(DEADLINE, "slot confirms batch A", || async {
+        env.confirmed(&client).await >= after_a
+    })
+    .await;
+    let (code, out, err) = command(&env, &["bookmark", "create", "before_b"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let b_end = insert_rows(&client, a_end, 10, 3).await;
+    let all = Expected::read(&client).await;
+    all.check(&all.consume(&env.broker).await);
+
+    let (code, out, err) = command(
+        &env,
+        &[
+            "replay",
+            "--from-bookmark",
+            "before_b",
+            "--topic-override",
+            "replayed",
+        ],
+    );
+    assert_eq!(code, 0, "replay: {out}{err}");
+    let replayed = env
+        .broker
+        .consume("replayed", (b_end - a_end) as usize, DEADLINE)
+        .await;
+    let extra = env
+        .broker
+        .consume_for("replayed", Duration::from_secs(2))
+        .await;
+    assert_eq!(
+        extra.len(),
+        (b_end - a_end) as usize,
+        "exactly batch B, once"
+    );
+    let batch_b: HashSet<&str> = all
+        .rows
+        .iter()
+        .filter(|r| r.seq >= a_end)
+        .map(|r| r.id.as_str())
+        .collect();
+    let got: HashSet<&str> = replayed
+        .iter()
+        .map(|c| c.header_str("id").unwrap())
+        .collect();
+    assert_eq!(
+        got, batch_b,
+        "the replay holds exactly the events committed after the bookmark"
+    );
+    assert!(replayed
+        .iter()
+        .all(|c| c.header_str("replay") == Some("bookmark:before_b")));
+    // The bookmark is dropped after a successful replay.
+    let left: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE '%_bookmark_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_lsn_below_confirmed_is_refused_and_table_replay_works() {
+    let env = Env::new(PgVersion::V15).await;
+    let client = env.client().await;
+    let mut relay = env.relay();
+    env.wait_streaming(&mut relay).await;
+    let n = insert_rows(&client, 0, 8, 3).await;
+    let end = lsn_to_u64(&current_wal_lsn(&client).await);
+    wait_until(DEADLINE, "slot confirms the rows", || async {
+        env.confirmed(&client).await >= end
+    })
+    .await;
+    relay.sigterm();
+    relay.wait_exit(DEADLINE).await.expect("relay stops");
+
+    let mut again = RelayProcess::spawn(&env.args(&["--start-lsn", "0/1"]), &[]);
+    let status = again.wait_exit(DEADLINE).await.expect("refused at once");
+    assert!(!status.success());
+    assert!(again.log().contains("cannot rewind"), "{}", again.log());
+
+    // Rows still in the table can be re-published from it.
+    let (code, out, err) = command(
+        &env,
+        &[
+            "replay",
+            "--from-time",
+            "2000-01-01",
+            "--topic-override",
+            "from_table",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let got = env.broker.consume("from_table", n as usize, DEADLINE).await;
+    assert_eq!(got.len(), n as usize);
+    assert!(got.iter().all(|c| c.header_str("replay") == Some("table")));
+    let ids: HashSet<&str> = got.iter().map(|c| c.header_str("id").unwrap()).collect();
+    assert_eq!(ids.len(), n as usize);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peek_shows_pending_events_without_consuming() {
+    let env = Env::new(PgVersion::V15).await;
+    let client = env.client().await;
+    let mut relay = env.relay();
+    env.wait_streaming(&mut relay).await;
+    relay.sigterm();
+    relay.wait_exit(DEADLINE).await.expect("relay stops");
+    insert_rows(&client, 0, 6, 1).await;
+    let (code, out, err) = command(&env, &["peek", "--limit", "3", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.lines().count(),
+        3,
+        "peek --limit 3 printed {} lines",
+        out.lines().count()
+    );
+    assert!(out.contains("outbox.event."), "{out}");
+    // Nothing was consumed: the relay still delivers all six.
+    let mut relay = env.relay();
+    env.wait_streaming(&mut relay).await;
+    let expected = Expected::read(&client).await;
+    assert_eq!(expected.check(&expected.consume(&env.broker).await), 0);
+}
