@@ -206,7 +206,7 @@ pub struct PeekArgs {
     #[arg(long, value_name = "NAME", env = "OUTBOX_RELAY_BOOKMARK")]
     pub bookmark: Option<String>,
     /// Print JSON lines
-    #[arg(long, env = "OUTBOX_RELAY_PEEK_JSON")]
+    #[arg(long, env = "OUTBOX_RELAY_JSON")]
     pub json: bool,
     #[command(flatten)]
     pub config: ConfigArgs,

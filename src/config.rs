@@ -323,7 +323,7 @@ impl PostgresConfig {
         // certificate is checked against the address, as on the replication side.
         if pg.get_hosts().is_empty() {
             if let Some(addr) = pg.get_hostaddrs().first().copied() {
-                pg.host(&addr.to_string());
+                pg.host(addr.to_string());
             }
         }
         Ok(pg)

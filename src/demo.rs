@@ -59,9 +59,9 @@ pub async fn run(
     let bootstrap = cluster.bootstrap_servers();
     println!("demo broker: librdkafka mock cluster at {bootstrap} (in-process, in-memory; use a real Kafka with `outbox-relay run`)");
     cfg.kafka.brokers = bootstrap.clone();
-
-    let relay_stop = CancellationToken::new();
-    let relay = tokio::spawn(Relay::new(cfg.clone(), relay_stop.clone()).run());
+    // The mock cluster does not serve the admin API's CreateTopics; make the
+    // demo's topics on the cluster itself and let the relay only check them.
+    cfg.kafka.create_topics = false;
 
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
@@ -80,6 +80,14 @@ pub async fn run(
         })
         .collect();
 
+    for topic in &topics {
+        cluster
+            .create_topic(topic, 1, 1)
+            .map_err(DemoError::Broker)?;
+    }
+
+    let relay_stop = CancellationToken::new();
+    let relay = tokio::spawn(Relay::new(cfg.clone(), relay_stop.clone()).run());
     let writer_stop = CancellationToken::new();
     let writer = tokio::spawn(write_events(cfg.clone(), opts.rate, writer_stop.clone()));
 

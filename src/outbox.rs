@@ -152,6 +152,40 @@ pub struct OutboxMapper {
     header_lsn: Arc<str>,
     header_xid: Arc<str>,
     header_time: Arc<str>,
+    /// Provenance header values of the current transaction: every row of a
+    /// transaction shares them, so they are formatted once per transaction
+    /// and each record takes a reference-counted copy.
+    provenance: Option<Provenance>,
+}
+
+/// The provenance header values of one transaction.
+#[derive(Debug)]
+struct Provenance {
+    xid: u32,
+    commit_lsn: Lsn,
+    commit_time: i64,
+    lsn_text: Bytes,
+    xid_text: Bytes,
+    time_text: Bytes,
+}
+
+impl Provenance {
+    fn of(txn: &TxnInfo) -> Provenance {
+        Provenance {
+            xid: txn.xid,
+            commit_lsn: txn.commit_lsn,
+            commit_time: txn.commit_time,
+            lsn_text: Bytes::from(txn.commit_lsn.to_string()),
+            xid_text: Bytes::from(txn.xid.to_string()),
+            time_text: Bytes::from(format_commit_time(txn.commit_time)),
+        }
+    }
+
+    fn is_for(&self, txn: &TxnInfo) -> bool {
+        self.xid == txn.xid
+            && self.commit_lsn == txn.commit_lsn
+            && self.commit_time == txn.commit_time
+    }
 }
 
 impl OutboxMapper {
@@ -167,6 +201,7 @@ impl OutboxMapper {
             table,
             relations: HashMap::new(),
             topics: HashMap::new(),
+            provenance: None,
         }
     }
 
@@ -309,15 +344,13 @@ impl OutboxMapper {
             }
         }
         if cfg.provenance_headers {
-            headers.push((
-                self.header_lsn.clone(),
-                Bytes::from(txn.commit_lsn.to_string()),
-            ));
-            headers.push((self.header_xid.clone(), Bytes::from(txn.xid.to_string())));
-            headers.push((
-                self.header_time.clone(),
-                Bytes::from(format_commit_time(txn.commit_time)),
-            ));
+            let p = match &self.provenance {
+                Some(p) if p.is_for(txn) => p,
+                _ => self.provenance.insert(Provenance::of(txn)),
+            };
+            headers.push((self.header_lsn.clone(), p.lsn_text.clone()));
+            headers.push((self.header_xid.clone(), p.xid_text.clone()));
+            headers.push((self.header_time.clone(), p.time_text.clone()));
         }
         Ok(Mapped::Record(OutboxRecord {
             topic,
@@ -490,6 +523,38 @@ mod tests {
             header(&r, HEADER_COMMIT_TIME),
             Some(&b"2000-01-01T00:00:00.000000Z"[..])
         );
+    }
+
+    #[test]
+    fn provenance_headers_follow_the_transaction() {
+        let mut m = OutboxMapper::new(MappingConfig::default(), table());
+        m.on_relation(&debezium_relation()).unwrap();
+        let row = |id: &str| {
+            insert(
+                16384,
+                vec![t(id), t("Order"), t("k"), t("T"), t("{}"), Column::Null],
+            )
+        };
+        let a = record(m.map_insert(&row("1"), &TXN).unwrap());
+        let b = record(m.map_insert(&row("2"), &TXN).unwrap());
+        for name in [HEADER_LSN, HEADER_XID, HEADER_COMMIT_TIME] {
+            assert_eq!(header(&a, name), header(&b, name), "{name}");
+        }
+        let next = TxnInfo {
+            xid: 748,
+            commit_lsn: Lsn(0x16_B374_E000),
+            commit_time: 1_000_000,
+        };
+        let c = record(m.map_insert(&row("3"), &next).unwrap());
+        assert_eq!(header(&c, HEADER_LSN), Some(&b"16/B374E000"[..]));
+        assert_eq!(header(&c, HEADER_XID), Some(&b"748"[..]));
+        assert_eq!(
+            header(&c, HEADER_COMMIT_TIME),
+            Some(&b"2000-01-01T00:00:01.000000Z"[..])
+        );
+        // Back to an earlier transaction's values (a replay): no stale cache.
+        let d = record(m.map_insert(&row("4"), &TXN).unwrap());
+        assert_eq!(header(&d, HEADER_XID), Some(&b"747"[..]));
     }
 
     #[test]

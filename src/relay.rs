@@ -138,6 +138,7 @@ impl RelayError {
                     Fatal
                 }
             }
+            RelayError::Sql(e) if crate::sql::is_tls_refusal(e) => Fatal,
             RelayError::Sql(e) => match e.code() {
                 Some(code) => sqlstate_disposition(code.code()),
                 None => Retry,
@@ -151,6 +152,7 @@ impl RelayError {
                     }
                 }
                 ReplicationError::Auth(_)
+                | ReplicationError::Tls(_)
                 | ReplicationError::FrameTooLarge { .. }
                 | ReplicationError::InvalidSlotName(_) => Fatal,
                 _ => Retry,

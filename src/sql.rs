@@ -67,6 +67,27 @@ pub async fn connect(cfg: &PostgresConfig) -> Result<SqlConnection, SqlConnectEr
     Ok(SqlConnection { client, task })
 }
 
+/// A TLS handshake refused for a reason an operator must fix: the server
+/// certificate (name, CA, expiry) or the client certificate.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TlsRefused(pub String);
+
+/// Whether `e` is a TLS failure that retrying cannot fix: a certificate refused
+/// by either side, or a server without TLS when `sslmode` requires it.
+pub fn is_tls_refusal(e: &tokio_postgres::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        // Ours, or tokio-postgres' own words when the server answers the
+        // SSLRequest with 'N' under sslmode=require or stricter.
+        if s.is::<TlsRefused>() || s.to_string() == "server does not support TLS" {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
 fn spawn<F>(connection: F) -> JoinHandle<()>
 where
     F: Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
@@ -124,7 +145,8 @@ where
             let connector = tokio_rustls::TlsConnector::from(self.config);
             let tls = connector.connect(self.name, stream).await.map_err(|e| {
                 match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-                    Some(t) => tls::describe_handshake_error(t, &self.opts).into(),
+                    Some(t) => Box::new(TlsRefused(tls::describe_handshake_error(t, &self.opts)))
+                        as Self::Error,
                     None => Box::new(e) as Self::Error,
                 }
             })?;

@@ -181,7 +181,7 @@ impl Plan {
             name: "long",
             writers: 4,
             shape: LoadShape {
-                pause_ms: (5, 40),
+                pause_ms: (30, 150),
                 rollback_share: 0.03,
             },
             gap_ms: (1000, 4000),
@@ -383,6 +383,10 @@ struct World {
     hangs: Vec<HangCheck>,
     relay_kills: usize,
     markers: Vec<String>,
+    /// How much of the broker's log [`World::repair_broker_if_dead`] has read.
+    broker_log_seen: u64,
+    /// Broker restarts after tansu's storage panicked (not scheduled faults).
+    broker_repairs: usize,
 }
 
 impl World {
@@ -404,8 +408,9 @@ impl World {
         self.started.elapsed()
     }
 
-    /// Panics (with the relay's log) if the relay exited on its own.
-    fn assert_relay_running(&mut self) {
+    /// Called all along: panics (with the relay's log) if the relay exited on its
+    /// own, and repairs the broker if tansu's storage died.
+    fn watch(&mut self) {
         if let Some(status) = self.relay.try_status() {
             panic!(
                 "the relay exited on its own ({status}) at {:.1?}; it must only stop on fatal errors\n\
@@ -413,6 +418,54 @@ impl World {
                 self.elapsed(),
                 tail(&self.relay.log(), 60)
             );
+        }
+        self.repair_broker_if_dead();
+    }
+
+    /// tansu 0.6.0's sqlite engine panics ("more or less than one row", in
+    /// `idempotent_message_check`) on a produce whose producer epoch it has not
+    /// seen, which is what librdkafka sends after bumping the epoch locally when
+    /// in-flight messages time out (`message.timeout.ms`). The panic kills tansu's
+    /// storage task and the broker answers nothing useful until restarted. That is a
+    /// broker bug, not the relay's; restart the broker (its data is on disk) and
+    /// count it, so the run goes on.
+    fn repair_broker_if_dead(&mut self) {
+        if self.broker.is_paused() {
+            return;
+        }
+        let Ok(mut log) = std::fs::File::open(self.broker.log_path()) else {
+            return;
+        };
+        use std::io::{Read as _, Seek as _};
+        if log
+            .seek(std::io::SeekFrom::Start(self.broker_log_seen))
+            .is_err()
+        {
+            return;
+        }
+        let mut new = Vec::new();
+        if log.read_to_end(&mut new).is_err() {
+            return;
+        }
+        self.broker_log_seen += new.len() as u64;
+        let text = String::from_utf8_lossy(&new);
+        if text.contains("panicked at") {
+            let why = text
+                .lines()
+                .skip_while(|l| !l.contains("panicked at"))
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" ");
+            eprintln!(
+                "[chaos] {:>6.1}s tansu panicked ({why}); restarting it",
+                self.elapsed().as_secs_f64()
+            );
+            tokio::task::block_in_place(|| self.broker.restart());
+            self.broker_repairs += 1;
+            // Skip what the restart logged.
+            self.broker_log_seen = std::fs::metadata(self.broker.log_path())
+                .map(|m| m.len())
+                .unwrap_or(self.broker_log_seen);
         }
     }
 
@@ -459,7 +512,7 @@ impl World {
     async fn sleep_watching(&mut self, d: Duration) {
         let until = Instant::now() + d;
         while Instant::now() < until {
-            self.assert_relay_running();
+            self.watch();
             tokio::time::sleep(Duration::from_millis(100).min(until - Instant::now())).await;
         }
     }
@@ -566,7 +619,7 @@ impl World {
                 killed = true;
                 note = "relay killed and restarted mid-hang".into();
             }
-            self.assert_relay_running();
+            self.watch();
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         self.broker.resume();
@@ -588,7 +641,7 @@ impl World {
         let target = self.monitor.write_lsn().await;
         let mut resumed = None;
         loop {
-            self.assert_relay_running();
+            self.watch();
             let confirmed = self.monitor.confirmed().await;
             if resumed.is_none() && confirmed > start_confirmed {
                 resumed = Some(fault_end.elapsed());
@@ -678,6 +731,7 @@ async fn run(plan: Plan) {
     let mut rng = StdRng::seed_from_u64(seed);
     let schedule = plan.schedule(&mut rng);
 
+    let setup_began = Instant::now();
     let pg = PgCluster::start(version, &[]);
     let setup = pg.client().await;
     setup.batch_execute(TABLE_SQL).await.expect("outbox table");
@@ -686,11 +740,14 @@ async fn run(plan: Plan) {
         .await
         .expect("uid index");
     drop(setup);
+    let pg_ready = setup_began.elapsed();
     let pg_proxy = Proxy::start("postgres", SocketAddr::from(([127, 0, 0, 1], pg.port())));
     let kafka_proxy = Proxy::start_without_upstream("kafka");
-    let broker = Broker::start_advertising(BrokerStorage::Sqlite, kafka_proxy.addr());
+    let mut broker = Broker::start_advertising(BrokerStorage::Sqlite, kafka_proxy.addr());
+    tokio::task::block_in_place(|| broker.add_sqlite_header_index());
     kafka_proxy.set_upstream(SocketAddr::from(([127, 0, 0, 1], broker.port())));
     broker.warm_up().await;
+    let broker_ready = setup_began.elapsed();
 
     let slot = unique_name("chaos_slot");
     let monitor = Monitor {
@@ -726,12 +783,18 @@ async fn run(plan: Plan) {
         hangs: Vec::new(),
         relay_kills: 0,
         markers: Vec::new(),
+        broker_log_seen: 0,
+        broker_repairs: 0,
     };
     // Writers start once the slot exists: rows committed before are not streamed.
     world
         .relay
         .wait_for_log("streaming", Duration::from_secs(60))
         .await;
+    eprintln!(
+        "[chaos] PostgreSQL up after {pg_ready:.1?}, broker after {broker_ready:.1?}, relay streaming after {:.1?}",
+        setup_began.elapsed()
+    );
 
     // The load.
     let stop = Arc::new(AtomicBool::new(false));
@@ -751,7 +814,7 @@ async fn run(plan: Plan) {
     world.started = Instant::now();
     let first = world.monitor.confirmed().await;
     while world.monitor.confirmed().await <= first {
-        world.assert_relay_running();
+        world.watch();
         assert!(
             world.elapsed() < Duration::from_secs(60),
             "the relay delivered nothing within 60 s of the load starting"
@@ -766,10 +829,19 @@ async fn run(plan: Plan) {
         world.sleep_watching(Duration::from_millis(gap)).await;
         let at = world.elapsed();
         let began = Instant::now();
-        let note = world.inject(fault).await;
+        let repairs_before = world.broker_repairs;
+        let mut note = world.inject(fault).await;
         let length = began.elapsed();
         let end = Instant::now();
         let (resumed, caught_up) = world.recovery(end, fault.kind.label()).await;
+        let repairs = world.broker_repairs - repairs_before;
+        if repairs > 0 {
+            write!(
+                note,
+                "; tansu storage panicked, broker restarted ×{repairs}"
+            )
+            .unwrap();
+        }
         eprintln!(
             "[chaos] {:>6.1}s {:>3}/{total} {:<32} {:>6.1?}  resumed {:>6.1?}  caught up {:>6.1?}  {} rows so far  {note}",
             at.as_secs_f64(),
@@ -800,7 +872,7 @@ async fn run(plan: Plan) {
     let end_lsn = world.monitor.write_lsn().await;
     let drain_began = Instant::now();
     loop {
-        world.assert_relay_running();
+        world.watch();
         if world.monitor.confirmed().await >= end_lsn {
             break;
         }
@@ -839,6 +911,7 @@ async fn run(plan: Plan) {
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
+    world.watch();
     let bootstrap = world.broker.bootstrap();
     let consume_began = Instant::now();
     let deliveries = tokio::task::spawn_blocking(move || {
@@ -898,6 +971,7 @@ async fn run(plan: Plan) {
         hangs: &world.hangs,
         hang_margin,
         relay_kills: world.relay_kills,
+        broker_repairs: world.broker_repairs,
         ledgers: &ledgers,
         markers: world.markers.len(),
         verdict: &verdict,
@@ -991,6 +1065,7 @@ struct Report<'a> {
     hangs: &'a [HangCheck],
     hang_margin: u64,
     relay_kills: usize,
+    broker_repairs: usize,
     ledgers: &'a [load::Ledger],
     markers: usize,
     verdict: &'a check::Verdict,
@@ -1144,6 +1219,10 @@ impl Report<'_> {
                     format!(" (closest: {} bytes below)", self.hang_margin)
                 }
             ),
+        );
+        row(
+            "broker restarts after a tansu storage panic (tansu bug, not scheduled)",
+            self.broker_repairs.to_string(),
         );
         row(
             "relay sessions failed / producer rebuilds / ERROR lines / panics",

@@ -44,7 +44,10 @@ fn run_command(args: &[String], envs: &[(&str, &str)]) -> Output {
         .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while child.try_wait().unwrap().is_none() {
-        assert!(std::time::Instant::now() < deadline, "{args:?} did not finish");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{args:?} did not finish"
+        );
         std::thread::sleep(Duration::from_millis(25));
     }
     child.wait_with_output().unwrap()
@@ -217,7 +220,10 @@ async fn passwords_never_reach_logs_metrics_or_status() {
         "a wrong password stops the relay: {status:?}\n{}",
         relay.log()
     );
-    assert_no_secret("the log of a relay with a wrong password in its URL", &relay.log());
+    assert_no_secret(
+        "the log of a relay with a wrong password in its URL",
+        &relay.log(),
+    );
 
     let mut bad_url = common("check");
     bad_url[2] = format!("postgres://{SCRAM_USER}:{URL_SECRET}@localhost:notaport/postgres");

@@ -55,8 +55,15 @@ fn run_has_the_flags_scripts_rely_on() {
             "--{long}"
         );
     }
+    // `check` takes the same settings; `run` adds only its one-shot --start-lsn.
     let check = cmd.find_subcommand("check").expect("check");
-    assert_eq!(run.get_arguments().count(), check.get_arguments().count());
+    assert_eq!(
+        run.get_arguments().count(),
+        check.get_arguments().count() + 1
+    );
+    assert!(run
+        .get_arguments()
+        .any(|a| a.get_long() == Some("start-lsn")));
 }
 
 #[test]

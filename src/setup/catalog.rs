@@ -115,6 +115,10 @@ pub(super) struct RoleFacts {
     /// Amazon RDS grants replication through membership in `rds_replication`.
     pub rds_replication: bool,
     pub create_on_database: bool,
+    /// More than the relay needs (`check` says so): CREATEROLE, CREATEDB, BYPASSRLS.
+    pub create_role: bool,
+    pub create_db: bool,
+    pub bypass_rls: bool,
 }
 
 impl RoleFacts {
@@ -124,7 +128,8 @@ impl RoleFacts {
                 "SELECT r.rolsuper, r.rolreplication,
                         EXISTS (SELECT 1 FROM pg_roles m WHERE m.rolname = 'rds_replication'
                                 AND pg_has_role(r.oid, m.oid, 'MEMBER')),
-                        has_database_privilege(current_database(), 'CREATE')
+                        has_database_privilege(current_database(), 'CREATE'),
+                        r.rolcreaterole, r.rolcreatedb, r.rolbypassrls
                  FROM pg_roles r WHERE r.rolname = current_user",
                 &[],
             )
@@ -134,6 +139,9 @@ impl RoleFacts {
             replication: row.get(1),
             rds_replication: row.get(2),
             create_on_database: row.get(3),
+            create_role: row.get(4),
+            create_db: row.get(5),
+            bypass_rls: row.get(6),
         })
     }
 }
@@ -146,6 +154,9 @@ pub(super) struct TableFacts {
     pub owned: bool,
     pub can_select: bool,
     pub schema_usage: bool,
+    /// Write privileges the role holds on the table (`INSERT`, `UPDATE`, `DELETE`,
+    /// `TRUNCATE`), which the relay never uses.
+    pub writes: Vec<String>,
     pub columns: Vec<Column>,
 }
 
@@ -161,7 +172,9 @@ impl TableFacts {
         let Some(row) = client
             .query_opt(
                 "SELECT c.oid, c.relkind::text, pg_has_role(c.relowner, 'USAGE'),
-                        has_table_privilege(c.oid, 'SELECT'), has_schema_privilege(n.oid, 'USAGE')
+                        has_table_privilege(c.oid, 'SELECT'), has_schema_privilege(n.oid, 'USAGE'),
+                        ARRAY(SELECT p FROM unnest(ARRAY['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE']) p
+                              WHERE has_table_privilege(c.oid, p))
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                  WHERE n.nspname = $1 AND c.relname = $2",
                 &[&t.schema, &t.name],
@@ -191,6 +204,7 @@ impl TableFacts {
             owned: row.get(2),
             can_select: row.get(3),
             schema_usage: row.get(4),
+            writes: row.get(5),
             columns,
         }))
     }

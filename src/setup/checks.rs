@@ -182,6 +182,7 @@ fn check_role(cfg: &Config, server: &ServerFacts, rest: &Rest, out: &mut Vec<Pro
             ),
         ));
     }
+    excess_privileges(cfg, &role, rest, out);
     let name = &cfg.postgres.table;
     if let Some(t) = &rest.table {
         if !t.can_select || !t.schema_usage {
@@ -193,6 +194,71 @@ fn check_role(cfg: &Config, server: &ServerFacts, rest: &Rest, out: &mut Vec<Pro
                     quote_ident(&name.schema)
                 ),
             ));
+        }
+    }
+}
+
+/// Privileges beyond what the relay needs (LOGIN, REPLICATION, SELECT on the table):
+/// notes, since the relay works, but a leaked relay credential would then open more
+/// than the outbox.
+fn excess_privileges(cfg: &Config, role: &str, rest: &Rest, out: &mut Vec<Problem>) {
+    let r = &rest.role;
+    let least = "run the relay as a role with only LOGIN, REPLICATION and SELECT on the outbox \
+                 table (sql/03_relay_role.sql)";
+    if r.superuser {
+        out.push(Problem::info(
+            format!("role {role} is a superuser: far more than the relay needs"),
+            least,
+        ));
+        return;
+    }
+    let attributes: Vec<&str> = [
+        (r.create_role, "CREATEROLE"),
+        (r.create_db, "CREATEDB"),
+        (r.bypass_rls, "BYPASSRLS"),
+    ]
+    .into_iter()
+    .filter_map(|(has, name)| has.then_some(name))
+    .collect();
+    if !attributes.is_empty() {
+        out.push(Problem::info(
+            format!(
+                "role {role} has {}, which the relay does not need",
+                attributes.join(", ")
+            ),
+            format!(
+                "as a superuser: ALTER ROLE {role} {}",
+                attributes
+                    .iter()
+                    .map(|a| format!("NO{a}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        ));
+    }
+    if let Some(t) = &rest.table {
+        if !t.writes.is_empty() {
+            let name = &cfg.postgres.table;
+            let how = if t.owned {
+                format!(
+                    "role {role} owns {name}, so it may also {} it; the relay only reads",
+                    t.writes.join(", ")
+                )
+            } else {
+                format!(
+                    "role {role} may {} {name}; the relay only reads",
+                    t.writes.join(", ")
+                )
+            };
+            let fix = if t.owned {
+                format!(
+                    "let another role own the table (the application's), and {least}; the \
+                     owner creates the publication once with sql/02_publication.sql"
+                )
+            } else {
+                format!("REVOKE {} ON {name} FROM {role}", t.writes.join(", "))
+            };
+            out.push(Problem::info(how, fix));
         }
     }
 }
@@ -495,6 +561,9 @@ mod tests {
                     replication: true,
                     rds_replication: false,
                     create_on_database: false,
+                    create_role: false,
+                    create_db: false,
+                    bypass_rls: false,
                 },
                 table: Some(TableFacts {
                     oid: 1,
@@ -502,6 +571,7 @@ mod tests {
                     owned: false,
                     can_select: true,
                     schema_usage: true,
+                    writes: vec![],
                     columns,
                 }),
                 similar_tables: vec![],
@@ -662,6 +732,34 @@ mod tests {
         );
         rest(&mut f).table.as_mut().unwrap().relkind = "v".into();
         assert!(texts(&cfg(), &f)[0].contains("is not a table (relkind 'v')"));
+    }
+
+    #[test]
+    fn excess_privileges_are_notes() {
+        let mut f = good();
+        let r = rest(&mut f);
+        r.role.create_role = true;
+        r.role.bypass_rls = true;
+        r.table.as_mut().unwrap().writes = vec!["INSERT".into(), "DELETE".into()];
+        let t = texts(&cfg(), &f);
+        assert_eq!(
+            t,
+            [
+                "Info: role relay has CREATEROLE, BYPASSRLS, which the relay does not need — \
+                 fix: as a superuser: ALTER ROLE relay NOCREATEROLE NOBYPASSRLS",
+                "Info: role relay may INSERT, DELETE public.outbox_events; the relay only reads \
+                 — fix: REVOKE INSERT, DELETE ON public.outbox_events FROM relay",
+            ]
+        );
+        rest(&mut f).table.as_mut().unwrap().owned = true;
+        assert!(texts(&cfg(), &f)[1].contains("owns public.outbox_events"));
+        // A superuser: one note, and nothing is missing.
+        rest(&mut f).role.superuser = true;
+        rest(&mut f).role.replication = false;
+        let t = texts(&cfg(), &f);
+        assert_eq!(t.len(), 1, "{t:#?}");
+        assert!(t[0].starts_with("Info: role relay is a superuser"), "{t:?}");
+        assert!(t[0].contains("sql/03_relay_role.sql"));
     }
 
     #[test]

@@ -1479,6 +1479,51 @@ impl Broker {
     pub fn is_paused(&self) -> bool {
         self.paused
     }
+
+    /// Adds the index tansu 0.6.0's sqlite schema lacks, then restarts the broker.
+    ///
+    /// Its fetch reads each record's headers with `... from header h join record r
+    /// ... where r.offset_id = $4`, and `header` has no index on (topition,
+    /// offset_id): every record fetched scans every header of the database, so
+    /// reading back tens of thousands of records (five headers each) takes hours
+    /// instead of seconds. The index is created with Python's `sqlite3` module
+    /// (`python3` is installed by `.ci/install-deps`), or the `sqlite3` CLI.
+    pub fn add_sqlite_header_index(&mut self) {
+        assert_eq!(
+            self.storage,
+            BrokerStorage::Sqlite,
+            "only for sqlite storage"
+        );
+        let db = self.root().join("tansu.db");
+        let sql = "CREATE INDEX IF NOT EXISTS outbox_relay_test_header_record \
+                   ON header (topition, offset_id)";
+        let python = Command::new("python3")
+            .arg("-c")
+            .arg(
+                "import sqlite3, sys\n\
+                 c = sqlite3.connect(sys.argv[1], timeout=30)\n\
+                 c.execute(sys.argv[2])\n\
+                 c.commit()\n",
+            )
+            .arg(&db)
+            .arg(sql)
+            .output();
+        let ok = match python {
+            Ok(out) if out.status.success() => true,
+            _ => Command::new("sqlite3")
+                .args(["-cmd", ".timeout 30000"])
+                .arg(&db)
+                .arg(sql)
+                .output()
+                .is_ok_and(|out| out.status.success()),
+        };
+        assert!(
+            ok,
+            "could not add the header index to {} (needs python3 or sqlite3)",
+            db.display()
+        );
+        self.restart();
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -290,7 +290,7 @@ async fn serve(client: TcpStream, shared: Arc<Shared>) {
             set_zero_linger(fd);
         }
     }
-    drop(both);
+    // `both` (and with it both sockets) is dropped here.
 }
 
 /// `SO_LINGER` {on, 0}: closing the socket then sends RST instead of FIN.

@@ -110,8 +110,8 @@ pub async fn tls_cluster(version: PgVersion, pki: &Pki) -> PgCluster {
 }
 
 /// A tansu broker with SASL (`--authentication`), users created through its own
-/// CLI while it ran without authentication on the same storage. tansu checks SCRAM
-/// passwords; for PLAIN it accepts any password (tansu 0.6).
+/// CLI while it ran without authentication on the same storage. SCRAM only: PLAIN
+/// does not complete against tansu 0.6.
 pub struct SaslBroker {
     dir: tempfile::TempDir,
     port: u16,

@@ -27,6 +27,7 @@ pub const COMMIT_TIME_HEADER: &str = "outbox-relay-commit-time";
 
 /// The outbox table (sql/01_outbox_table.sql), under any name.
 pub fn create_table_sql(table: &str) -> String {
+    let idx = table.replace('.', "_");
     format!(
         "CREATE TABLE IF NOT EXISTS {table} (
             id            uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
@@ -36,8 +37,7 @@ pub fn create_table_sql(table: &str) -> String {
             payload       jsonb       NOT NULL,
             created_at    timestamptz NOT NULL DEFAULT now()
         );
-        CREATE INDEX IF NOT EXISTS {idx} ON {table} (created_at);",
-        idx = format!("{}_created_at_idx", table.replace('.', "_")),
+        CREATE INDEX IF NOT EXISTS {idx}_created_at_idx ON {table} (created_at);"
     )
 }
 

@@ -107,11 +107,18 @@ struct BenchArgs {
     /// Rows per poll
     #[arg(long, default_value_t = 1000)]
     poll_batch: i64,
-    /// Consumer's fetch.wait.max.ms
-    #[arg(long, default_value_t = 5)]
+    /// Consumer's fetch.wait.max.ms. tansu answers a fetch only when this
+    /// expires, even if records arrived meanwhile (Kafka answers at once), so
+    /// it adds ~1.5× itself to every latency: keep it small
+    #[arg(long, default_value_t = 1)]
     fetch_wait_ms: u32,
-    /// Scenarios to run
-    #[arg(long, value_delimiter = ',', default_value = "catchup,steady,polling")]
+    /// Scenarios to run: catchup, steady (relay), floor (producer → broker →
+    /// consumer without a database), polling
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "catchup,steady,floor,polling"
+    )]
     scenarios: Vec<String>,
     /// PostgreSQL bindir (17: /opt/outbox-relay-deps/pg17/bin)
     #[arg(long, default_value = "/usr/lib/postgresql/15/bin")]
@@ -418,6 +425,12 @@ async fn run_scenarios(
     // The relay's walsender would decode the polling table's WAL too: stop it.
     if let Some(mut r) = relay.take() {
         r.stop(Duration::from_secs(30));
+    }
+    if want("floor") {
+        for &rate in &s.rates {
+            let w = steady::window(ctx, &mut Subject::BrokerFloor, 1, rate).await?;
+            results.steady.push(w);
+        }
     }
     if want("polling") {
         for &interval in &s.poll_intervals {

@@ -17,6 +17,7 @@ const H: u32 = 620;
 fn color(subject: &str) -> RGBColor {
     match subject {
         "relay" => RGBColor(31, 119, 180),
+        "broker-floor" => RGBColor(120, 120, 120),
         s if s.ends_with("ms") => RGBColor(255, 127, 14),
         _ => RGBColor(214, 39, 40),
     }
@@ -36,7 +37,11 @@ pub fn draw(windows: &[Window], path: &Path) -> Result<(), String> {
                 ("sans-serif", 22),
             )
             .map_err(|e| e.to_string())?;
-        let mut shapes: Vec<usize> = windows.iter().map(|w| w.rows_per_txn).collect();
+        let mut shapes: Vec<usize> = windows
+            .iter()
+            .filter(|w| w.subject != "broker-floor")
+            .map(|w| w.rows_per_txn)
+            .collect();
         shapes.sort_unstable();
         shapes.dedup();
         let panels = body.split_evenly((1, shapes.len().max(1)));
@@ -62,7 +67,9 @@ fn panel_chart<DB: DrawingBackend>(
 ) -> Result<(), String> {
     let ws: Vec<&Window> = windows
         .iter()
-        .filter(|w| w.rows_per_txn == shape && w.latency.samples > 0)
+        .filter(|w| {
+            (w.rows_per_txn == shape || w.subject == "broker-floor") && w.latency.samples > 0
+        })
         .collect();
     let rates = ws.iter().map(|w| w.target_rate as f64);
     let x_min = rates.clone().fold(f64::INFINITY, f64::min).min(1000.0) * 0.7;
@@ -94,7 +101,17 @@ fn panel_chart<DB: DrawingBackend>(
         .y_desc("latency (ms)")
         .label_style(("sans-serif", 13))
         .axis_desc_style(("sans-serif", 15))
-        .x_label_formatter(&|v| format!("{v:.0}"))
+        .x_label_formatter(&|v| {
+            // Only round rates: the log mesh has a key point at every 1000 too.
+            let r = v.round() as u64;
+            if [1000, 2000, 5000, 10000, 20000, 50000, 100000].contains(&r)
+                && (v - r as f64).abs() < 1.0
+            {
+                format!("{r}")
+            } else {
+                String::new()
+            }
+        })
         .y_label_formatter(&|v| {
             if *v >= 1.0 {
                 format!("{v:.0}")
@@ -107,7 +124,7 @@ fn panel_chart<DB: DrawingBackend>(
 
     let mut subjects: Vec<&str> = ws.iter().map(|w| w.subject.as_str()).collect();
     subjects.dedup();
-    subjects.sort_by_key(|s| (*s != "relay", s.to_string()));
+    subjects.sort_by_key(|s| (*s != "relay", *s == "broker-floor", s.to_string()));
     subjects.dedup();
     type Pick = fn(&Window) -> f64;
     let percentiles: [(&str, Pick, u32); 3] = [
@@ -124,7 +141,9 @@ fn panel_chart<DB: DrawingBackend>(
             .collect();
         pts.sort_by_key(|w| w.target_rate);
         for (name, pick, width) in percentiles {
-            if subject != "relay" && name == "p99.9" {
+            if (subject != "relay" && name == "p99.9")
+                || (subject == "broker-floor" && name == "p99")
+            {
                 continue; // keep the plot readable: polling p99.9 ≈ its p99
             }
             let series: Vec<(f64, f64)> = pts
@@ -143,10 +162,13 @@ fn panel_chart<DB: DrawingBackend>(
                     .map_err(|e| e.to_string())?
             };
             anno.label(label).legend(move |(x, y)| {
-                PathElement::new(
-                    vec![(x, y), (x + 20, y)],
-                    ShapeStyle::from(&c).stroke_width(width),
-                )
+                let line = PathElement::new(vec![(x, y), (x + 24, y)], style);
+                let mark = match name {
+                    "p50" => Circle::new((x + 12, y), 4, c.filled()).into_dyn(),
+                    "p99" => TriangleMarker::new((x + 12, y), 5, c.filled()).into_dyn(),
+                    _ => Cross::new((x + 12, y), 4, c.stroke_width(2)).into_dyn(),
+                };
+                EmptyElement::at((0, 0)) + line + mark
             });
             let marker = series.iter().map(move |&(x, y)| match name {
                 "p50" => Circle::new((x, y), 4, c.filled()).into_dyn(),

@@ -76,9 +76,10 @@ impl Guarded {
             return self.last.clone();
         }
         if let Some(s) = resources::sample(self.pid()) {
-            // A zombie has its final CPU times but no memory figures.
+            // An exiting process (or a zombie) has its final CPU times but no
+            // memory figures any more: keep the last ones seen.
             let s = match &self.last {
-                Some(prev) if s.zombie => ProcSample {
+                Some(prev) if s.zombie || s.vm_hwm_kb == 0 => ProcSample {
                     vm_hwm_kb: prev.vm_hwm_kb,
                     vm_rss_kb: prev.vm_rss_kb,
                     ..s

@@ -34,14 +34,24 @@ pub struct RawArgs {
     /// Where to write the summary (JSON).
     #[arg(long)]
     pub summary: PathBuf,
+    /// Paced mode (the broker floor of the latency scenario): send at this
+    /// rate, records/s, stamping each with the send time as its commit time,
+    /// for `--duration`; `--count` is then ignored.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Serialize)]
 struct Summary {
+    sent: u64,
     delivered: u64,
     failed: u64,
     /// From the first send to the last acknowledgement.
     elapsed_s: f64,
+    /// Wall clock of the first send, µs since the Unix epoch.
+    start_us: i64,
 }
 
 #[derive(Default)]
@@ -71,9 +81,29 @@ pub fn main(args: RawArgs) -> Result<(), String> {
         .create_with_context(Ctx(counts.clone()))
         .map_err(|e| format!("create the producer: {e}"))?;
     let pad = pad(args.payload_bytes);
-    let commit_time = format_commit_time(0);
+    let fixed_commit_time = format_commit_time(0);
     let began = Instant::now();
-    for seq in 0..args.count {
+    let start_us = crate::load::now_micros();
+    let paced = args.rate.map(|r| {
+        let d = args.duration.unwrap_or(Duration::from_secs(10));
+        (Duration::from_secs_f64(1.0 / r), began + d)
+    });
+    let mut sent = 0u64;
+    for seq in 0.. {
+        let commit_time = match paced {
+            None if seq >= args.count => break,
+            None => fixed_commit_time.clone(),
+            Some((period, end)) => {
+                let due = began + period.mul_f64(seq as f64);
+                if due >= end {
+                    break;
+                }
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string()
+            }
+        };
         // What the relay sends for a row: payload as jsonb renders it, key, headers.
         let payload = format!("{{\"pad\": \"{pad}\", \"seq\": {seq}}}");
         let key = (seq % 1000).to_string();
@@ -107,7 +137,10 @@ pub fn main(args: RawArgs) -> Result<(), String> {
                 .payload(payload.as_str())
                 .headers(headers);
             match producer.send(record) {
-                Ok(()) => break,
+                Ok(()) => {
+                    sent += 1;
+                    break;
+                }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     std::thread::sleep(Duration::from_micros(500));
                 }
@@ -116,8 +149,7 @@ pub fn main(args: RawArgs) -> Result<(), String> {
         }
     }
     let deadline = Instant::now() + Duration::from_secs(600);
-    while counts.delivered.load(Ordering::Relaxed) + counts.failed.load(Ordering::Relaxed)
-        < args.count
+    while counts.delivered.load(Ordering::Relaxed) + counts.failed.load(Ordering::Relaxed) < sent
         && Instant::now() < deadline
     {
         std::thread::sleep(Duration::from_millis(1));
@@ -125,6 +157,8 @@ pub fn main(args: RawArgs) -> Result<(), String> {
     let elapsed_s = began.elapsed().as_secs_f64();
     let _ = producer.flush(Duration::from_secs(5));
     let summary = Summary {
+        sent,
+        start_us,
         delivered: counts.delivered.load(Ordering::Relaxed),
         failed: counts.failed.load(Ordering::Relaxed),
         elapsed_s,

@@ -165,7 +165,10 @@ pub fn markdown(r: &Results) -> String {
              there). Rows committed during a {:.0} s warm-up are excluded; windows last {:.0} s \
              ({:.0} s for pollers with intervals of a second or more). 1-row transactions come from \
              {} writers, {}-row transactions from {}. ⚠ marks a rate the writers could not sustain \
-             on this machine (achieved < 95 % of target).\n",
+             on this machine (achieved < 95 % of target). `broker-floor` rows: a raw rdkafka \
+             producer with the relay's settings paced at the rate, each record stamped with its \
+             send time, read by the same consumer: the latency of producer → broker → consumer \
+             alone.\n",
             m.warmup_s, m.window_s, m.slow_poll_window_s, m.writers, m.txn_rows, m.txn_writers
         );
         let _ = writeln!(
@@ -180,7 +183,10 @@ pub fn markdown(r: &Results) -> String {
             s,
             "`latency.png`: p50 (thin line, circles), p99 (thick line, triangles) and, for the relay, \
              p99.9 (dashed, crosses) against the insert rate, log-log; blue = relay, orange = \
-             polling every 100 ms, red = polling every 5 s; one panel per transaction shape.\n"
+             polling every 100 ms, red = polling every 5 s, gray = broker floor (raw rdkafka producer \
+             paced at the rate → tansu → the same consumer, no database: the part of every \
+             latency that is not the relay's; the same series in both panels); one panel per \
+             transaction shape.\n"
         );
 
         let _ = writeln!(s, "## 4. Resources per steady window\n");

@@ -17,7 +17,13 @@ use crate::scenarios::{between, path_str, sql, Ctx, POLL_TABLE, RELAY_TABLE};
 /// Who moves rows to Kafka in a window.
 pub enum Subject<'a> {
     Relay(&'a mut Guarded),
-    Polling { interval: Duration },
+    Polling {
+        interval: Duration,
+    },
+    /// No database: raw rdkafka paced at the rate, stamped at send time. What
+    /// the producer → broker → consumer path alone costs (the floor under
+    /// every subject's latency).
+    BrokerFloor,
 }
 
 fn interval_label(d: Duration) -> String {
@@ -32,6 +38,7 @@ pub fn subject_label(s: &Subject<'_>) -> String {
     match s {
         Subject::Relay(_) => "relay".into(),
         Subject::Polling { interval } => format!("poll-{}", interval_label(*interval)),
+        Subject::BrokerFloor => "broker-floor".into(),
     }
 }
 
@@ -65,6 +72,7 @@ pub async fn window(
             };
             (POLL_TABLE, format!("poll_{shape}"), topic, measure)
         }
+        Subject::BrokerFloor => ("", String::new(), format!("bench.floor.{shape}"), s.window),
     };
     eprintln!(
         "[bench] steady: {label}, {rows_per_txn} row(s)/txn, {rate} events/s, {} s",
@@ -98,14 +106,34 @@ pub async fn window(
         ];
         poller = Some(ctx.spawn_self("poll-relay", &args)?);
     }
+    let consumer = LatencyConsumer::start(&ctx.broker.bootstrap(), &topic, s.fetch_wait_ms)?;
+    consumer.wait_ready().await;
+    if let Subject::BrokerFloor = subject {
+        let summary = ctx.scratch_path("floor.json");
+        let _ = std::fs::remove_file(&summary);
+        let args = vec![
+            "--brokers".into(),
+            ctx.broker.bootstrap(),
+            "--topic".into(),
+            topic.clone(),
+            "--count".into(),
+            "0".into(),
+            "--payload-bytes".into(),
+            s.payload_bytes.to_string(),
+            "--rate".into(),
+            rate.to_string(),
+            "--duration".into(),
+            format!("{}ms", (s.warmup + measure).as_millis()),
+            "--summary".into(),
+            path_str(&summary),
+        ];
+        poller = Some(ctx.spawn_self("raw-produce", &args)?);
+    }
     let subject_pid = match (&*subject, &poller) {
         (Subject::Relay(r), _) => r.pid(),
         (_, Some(p)) => p.pid(),
-        _ => unreachable!("a polling window has its poller"),
+        _ => unreachable!("polling and floor windows have their process"),
     };
-
-    let consumer = LatencyConsumer::start(&ctx.broker.bootstrap(), &topic, s.fetch_wait_ms)?;
-    consumer.wait_ready().await;
     let hwm_reset = resources::reset_peak_rss(subject_pid);
 
     let plan = WriterPlan {
@@ -119,20 +147,39 @@ pub async fn window(
         measure,
     };
     let snap_a = std::cell::RefCell::new(None);
-    let outcome = load::run_writers(&ctx.pg.url(), &plan, || {
-        *snap_a.borrow_mut() = Some(ctx.snapshot(Some(subject_pid)));
-    })
-    .await?;
-    let snap_b = ctx.snapshot(Some(subject_pid));
+    let (outcome, snap_b) = if let Subject::BrokerFloor = subject {
+        let producer = poller.as_mut().expect("spawned above");
+        floor_outcome(ctx, &plan, producer, &snap_a).await?
+    } else {
+        let outcome = load::run_writers(&ctx.pg.url(), &plan, || {
+            *snap_a.borrow_mut() = Some(ctx.snapshot(Some(subject_pid)));
+        })
+        .await?;
+        (outcome, ctx.snapshot(Some(subject_pid)))
+    };
     let snap_a = snap_a.into_inner().ok_or("the window never opened")?;
 
     let drain = match subject {
-        Subject::Relay(_) => Duration::from_secs(15),
+        Subject::Relay(_) | Subject::BrokerFloor => Duration::from_secs(15),
         Subject::Polling { interval } => *interval + Duration::from_secs(15),
     };
     let stamps = consumer.finish(outcome.rows_total, drain).await?;
+    let mut outcome = outcome;
+    if let Subject::BrokerFloor = subject {
+        // The producer counts what it sent; "in the window" is by send time.
+        outcome.rows_in_window = stamps
+            .iter()
+            .filter(|st| {
+                st.commit_us >= outcome.window_start_us && st.commit_us < outcome.window_end_us
+            })
+            .count() as u64;
+        outcome.achieved_rate = outcome.rows_in_window as f64 / measure.as_secs_f64();
+    }
     let mut peak_kb = resources::sample(subject_pid).map(|p| p.vm_hwm_kb);
     if let Some(mut p) = poller {
+        if let Subject::BrokerFloor = subject {
+            p.wait_sampling(Duration::from_secs(30));
+        }
         p.stop(Duration::from_secs(10));
         if let Some(last) = p.sample() {
             peak_kb = Some(last.vm_hwm_kb.max(peak_kb.unwrap_or(0)));
@@ -179,4 +226,37 @@ pub async fn window(
         w.achieved_rate, w.latency.p50_ms, w.latency.p99_ms, w.latency.p999_ms, w.latency.max_ms, w.missing
     );
     Ok(w)
+}
+
+/// The broker floor's "writers": the paced producer process. Samples the
+/// window's start after the warm-up, waits for the producer to finish.
+async fn floor_outcome(
+    ctx: &Ctx,
+    plan: &WriterPlan,
+    producer: &mut Guarded,
+    snap_a: &std::cell::RefCell<Option<crate::scenarios::Snapshot>>,
+) -> Result<(load::WriterOutcome, crate::scenarios::Snapshot), String> {
+    let spawned_us = load::now_micros();
+    let pid = producer.pid();
+    tokio::time::sleep(plan.warmup).await;
+    *snap_a.borrow_mut() = Some(ctx.snapshot(Some(pid)));
+    tokio::time::sleep(plan.measure).await;
+    let snap_b = ctx.snapshot(Some(pid));
+    let status = producer
+        .wait_sampling(Duration::from_secs(60))
+        .ok_or("the paced producer did not finish")?;
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ctx.scratch_path("floor.json")).unwrap_or_default())
+            .map_err(|_| format!("the paced producer failed ({status})"))?;
+    let start_us = summary["start_us"].as_i64().unwrap_or(spawned_us);
+    let warmup_us = plan.warmup.as_micros() as i64;
+    let outcome = load::WriterOutcome {
+        rows_total: summary["delivered"].as_u64().unwrap_or(0),
+        rows_in_window: 0,
+        achieved_rate: 0.0,
+        max_behind_ms: 0.0,
+        window_start_us: start_us + warmup_us,
+        window_end_us: start_us + warmup_us + plan.measure.as_micros() as i64,
+    };
+    Ok((outcome, snap_b))
 }

@@ -1,0 +1,239 @@
+//! Bounded memory (guarantee 5): the relay's peak RSS does not grow with the size
+//! of a transaction or of the backlog.
+//!
+//! Two streams of a million events each go through the relay binary while its
+//! resident set is sampled from `/proc/<pid>/status`; the peak (`VmHWM`) must stay
+//! under [`PEAK_RSS_LIMIT`]:
+//!
+//! - one transaction of 1,000,000 rows (PostgreSQL spills it to disk and sends it
+//!   after the commit; the relay must stream it through its window, not hold it);
+//! - a backlog of 1,000,000 rows in 10,000 transactions, committed while the relay
+//!   was stopped, then drained by a fresh relay.
+//!
+//! They take several minutes each on a 2-core machine, so they are ignored by
+//! default. Run them by hand (one at a time, nothing else running, for a fair peak):
+//!
+//! ```text
+//! cargo test --release --test memory -- --ignored --nocapture --test-threads 1
+//! ```
+//!
+//! (`--release` builds the relay binary with optimizations, as deployed; the numbers
+//! are printed as a small table.)
+
+mod harness;
+
+use std::time::{Duration, Instant};
+
+use harness::{
+    current_wal_lsn, lsn_to_u64, slot_confirmed_flush_lsn, unique_name, Broker, PgCluster,
+    PgVersion, RelayProcess,
+};
+
+const TABLE_SQL: &str = include_str!("../sql/01_outbox_table.sql");
+/// The promise: the relay's peak resident set stays under this.
+const PEAK_RSS_LIMIT_KB: u64 = 64 * 1024;
+/// Events per test.
+const EVENTS: i64 = 1_000_000;
+/// Payload padding per event (bytes), so a million events are ~300 MB of payloads.
+const PAD: i32 = 200;
+/// How long draining a million events may take before the test gives up.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(1800);
+
+/// `VmRSS` / `VmHWM` of a process, in kB.
+fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+struct Setup {
+    pg: PgCluster,
+    broker: Broker,
+    slot: String,
+    publication: String,
+}
+
+impl Setup {
+    async fn new() -> Setup {
+        // Enough WAL room for a million rows without checkpoint storms.
+        let pg = PgCluster::start(PgVersion::V17, &[("max_wal_size", "4GB")]);
+        pg.client()
+            .await
+            .batch_execute(TABLE_SQL)
+            .await
+            .expect("outbox table");
+        let broker = Broker::start_memory();
+        broker.warm_up().await;
+        Setup {
+            pg,
+            broker,
+            slot: unique_name("mem_slot"),
+            publication: unique_name("mem_pub"),
+        }
+    }
+
+    fn relay(&self) -> RelayProcess {
+        RelayProcess::spawn(
+            &[
+                "run",
+                "--postgres-url",
+                &self.pg.url(),
+                "--kafka-brokers",
+                &self.broker.bootstrap(),
+                "--slot",
+                &self.slot,
+                "--publication",
+                &self.publication,
+            ],
+            &[("RUST_LOG", "info")],
+        )
+    }
+
+    async fn confirmed(&self, client: &tokio_postgres::Client) -> u64 {
+        slot_confirmed_flush_lsn(client, &self.slot)
+            .await
+            .map(|l| lsn_to_u64(&l))
+            .unwrap_or(0)
+    }
+}
+
+/// Inserts `EVENTS` rows in transactions of `per_txn` rows.
+async fn insert(client: &tokio_postgres::Client, per_txn: i64) {
+    let mut first = 1;
+    while first <= EVENTS {
+        let last = (first + per_txn - 1).min(EVENTS);
+        client
+            .execute(
+                "INSERT INTO outbox_events (aggregatetype, aggregateid, type, payload) \
+                 SELECT 'Memory', 'key-' || (g % 97), 'MemoryTested', \
+                        jsonb_build_object('seq', g, 'pad', repeat('m', $3)) \
+                 FROM generate_series($1::bigint, $2::bigint) g",
+                &[&first, &last, &PAD],
+            )
+            .await
+            .expect("insert rows");
+        first = last + 1;
+    }
+}
+
+/// What one run measured.
+struct Measured {
+    peak_kb: u64,
+    max_sampled_kb: u64,
+    drain: Duration,
+    events_per_sec: f64,
+}
+
+/// Samples the relay's RSS until the slot confirms `target`; returns the peak.
+async fn drain(setup: &Setup, relay: &mut RelayProcess, target: u64) -> Measured {
+    let client = setup.pg.client().await;
+    let pid = relay.pid();
+    let began = Instant::now();
+    let mut max_sampled = 0;
+    let mut last_report = Instant::now();
+    loop {
+        if let Some(status) = relay.try_status() {
+            panic!("the relay exited ({status}):\n{}", relay.log());
+        }
+        let rss = proc_status_kb(pid, "VmRSS:").unwrap_or(0);
+        max_sampled = max_sampled.max(rss);
+        let confirmed = setup.confirmed(&client).await;
+        if confirmed >= target {
+            break;
+        }
+        if last_report.elapsed() >= Duration::from_secs(15) {
+            eprintln!(
+                "[memory] {:>5.0?}: RSS {rss} kB (max {max_sampled} kB), {} MB of WAL to go",
+                began.elapsed(),
+                target.saturating_sub(confirmed) >> 20
+            );
+            last_report = Instant::now();
+        }
+        assert!(
+            began.elapsed() < DRAIN_DEADLINE,
+            "the relay did not drain {EVENTS} events within {DRAIN_DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let drain = began.elapsed();
+    let peak_kb = proc_status_kb(pid, "VmHWM:").expect("VmHWM of the relay");
+    Measured {
+        peak_kb,
+        max_sampled_kb: max_sampled,
+        drain,
+        events_per_sec: EVENTS as f64 / drain.as_secs_f64(),
+    }
+}
+
+fn report(what: &str, m: &Measured) {
+    eprintln!(
+        "\n| test | events | peak RSS (VmHWM) | max sampled RSS | drain time | events/s |\n\
+         |---|---:|---:|---:|---:|---:|\n\
+         | {what} | {EVENTS} | {:.1} MB | {:.1} MB | {:.1} s | {:.0} |\n",
+        m.peak_kb as f64 / 1024.0,
+        m.max_sampled_kb as f64 / 1024.0,
+        m.drain.as_secs_f64(),
+        m.events_per_sec
+    );
+    assert!(
+        m.peak_kb < PEAK_RSS_LIMIT_KB,
+        "{what}: the relay's peak RSS was {} kB, over the {} kB bound",
+        m.peak_kb,
+        PEAK_RSS_LIMIT_KB
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "several minutes: cargo test --release --test memory -- --ignored --nocapture --test-threads 1"]
+async fn one_million_row_transaction_streams_in_bounded_memory() {
+    let setup = Setup::new().await;
+    let mut relay = setup.relay();
+    relay
+        .wait_for_log("streaming", Duration::from_secs(60))
+        .await;
+    let client = setup.pg.client().await;
+    let began = Instant::now();
+    insert(&client, EVENTS).await;
+    let target = lsn_to_u64(&current_wal_lsn(&client).await);
+    eprintln!(
+        "[memory] one transaction of {EVENTS} rows committed in {:.1?}",
+        began.elapsed()
+    );
+    // The relay receives nothing until the commit (no streaming of in-progress
+    // transactions), then the whole transaction.
+    let m = drain(&setup, &mut relay, target).await;
+    report("1 transaction of 1M rows", &m);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "several minutes: cargo test --release --test memory -- --ignored --nocapture --test-threads 1"]
+async fn one_million_event_backlog_streams_in_bounded_memory() {
+    let setup = Setup::new().await;
+    // Create the slot, then stop the relay: the backlog accumulates behind it.
+    let mut relay = setup.relay();
+    relay
+        .wait_for_log("streaming", Duration::from_secs(60))
+        .await;
+    relay.sigterm();
+    relay
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("the relay stops on SIGTERM");
+    let client = setup.pg.client().await;
+    let began = Instant::now();
+    insert(&client, 100).await;
+    let target = lsn_to_u64(&current_wal_lsn(&client).await);
+    eprintln!(
+        "[memory] backlog of {EVENTS} rows in {} transactions committed in {:.1?}",
+        EVENTS / 100,
+        began.elapsed()
+    );
+    let mut relay = setup.relay();
+    let m = drain(&setup, &mut relay, target).await;
+    report("backlog of 1M rows in 10k transactions", &m);
+}
