@@ -129,6 +129,11 @@ impl AckTracker {
         Ok(TxnToken(seq))
     }
 
+    /// The open transaction, if any (records produced from it carry this).
+    pub fn open_token(&self) -> Option<TxnToken> {
+        self.open.map(TxnToken)
+    }
+
     /// A record of the open transaction was handed to the producer.
     pub fn record_sent(&mut self) -> Result<TxnToken, AckError> {
         let seq = self.open.ok_or(AckError::NoOpenTransaction("a row"))?;

@@ -512,6 +512,36 @@ pub struct RelayArgs {
     /// /readyz fails when records are in flight and none was acknowledged for this long [default: 30s]
     #[arg(long, value_name = "DURATION", env = "OUTBOX_RELAY_READY_STALL_TIMEOUT", value_parser = parse_duration)]
     pub ready_stall_timeout: Option<Duration>,
+
+    /// Topic for rows that can never become a valid record (poison rows)
+    #[arg(long, value_name = "TOPIC", env = "OUTBOX_RELAY_DEAD_LETTER_TOPIC")]
+    pub dead_letter_topic: Option<String>,
+
+    /// Poison-row policy, `stop` or `dead-letter`, for all classes or as
+    /// CLASS=POLICY (null_column, invalid_payload, invalid_topic, too_large,
+    /// missing_column, bad_value) [default: dead-letter with --dead-letter-topic, else stop]
+    #[arg(
+        long,
+        value_name = "[CLASS=]POLICY",
+        env = "OUTBOX_RELAY_POISON_POLICY",
+        value_delimiter = ','
+    )]
+    pub poison_policy: Vec<String>,
+
+    /// Pause between attempts while another process holds the slot [default: 2s]
+    #[arg(long, value_name = "DURATION", env = "OUTBOX_RELAY_SLOT_BUSY_RETRY", value_parser = parse_duration)]
+    pub slot_busy_retry: Option<Duration>,
+
+    /// Terminate a walsender that holds the slot under our application_name but
+    /// sent no status reply for --stale-holder-timeout (a dead relay's half-open connection)
+    #[arg(long, value_name = "BOOL", env = "OUTBOX_RELAY_TERMINATE_STALE_HOLDER",
+          num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          value_parser = BoolishValueParser::new())]
+    pub terminate_stale_holder: Option<bool>,
+
+    /// See --terminate-stale-holder [default: 30s]
+    #[arg(long, value_name = "DURATION", env = "OUTBOX_RELAY_STALE_HOLDER_TIMEOUT", value_parser = parse_duration)]
+    pub stale_holder_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Default, Args)]
@@ -602,6 +632,19 @@ impl ConfigArgs {
                 reconnect_backoff_max: r.reconnect_backoff_max,
                 http_listen: r.http_listen.clone(),
                 ready_stall_timeout: r.ready_stall_timeout,
+                dead_letter_topic: r.dead_letter_topic.clone(),
+                poison_policy: (!r.poison_policy.is_empty()).then(|| {
+                    r.poison_policy
+                        .iter()
+                        .map(|p| match p.split_once('=') {
+                            Some((class, policy)) => (class.trim().to_string(), policy.to_string()),
+                            None => ("*".to_string(), p.clone()),
+                        })
+                        .collect()
+                }),
+                slot_busy_retry: r.slot_busy_retry,
+                terminate_stale_holder: r.terminate_stale_holder,
+                stale_holder_timeout: r.stale_holder_timeout,
             },
             log: LogLayer {
                 format: l.log_format,

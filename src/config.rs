@@ -92,6 +92,43 @@ pub const DEFAULT_RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(30);
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9187";
 /// `/readyz` fails when records are in flight and no acknowledgement came for this long.
 pub const DEFAULT_READY_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pause between attempts while another process holds the slot (standby).
+pub const DEFAULT_SLOT_BUSY_RETRY: Duration = Duration::from_secs(2);
+/// A walsender on our slot with our application_name that sent no status
+/// reply for this long is stale (a half-open connection of a dead relay).
+pub const DEFAULT_STALE_HOLDER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What happens to a row that can never become a valid record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoisonPolicy {
+    /// Stop the relay with an error naming the row and the fix.
+    Stop,
+    /// Send the row to the dead-letter topic with the reason, and go on.
+    DeadLetter,
+}
+
+impl std::str::FromStr for PoisonPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().replace('_', "-").as_str() {
+            "stop" => Ok(PoisonPolicy::Stop),
+            "dead-letter" => Ok(PoisonPolicy::DeadLetter),
+            other => Err(format!(
+                "unknown poison policy {other:?}: use stop or dead-letter"
+            )),
+        }
+    }
+}
+
+/// Classes of poison rows, each with its own policy.
+pub const POISON_CLASSES: &[&str] = &[
+    "null_column",
+    "invalid_payload",
+    "invalid_topic",
+    "too_large",
+    "missing_column",
+    "bad_value",
+];
 
 pub const DEFAULT_LOG_FORMAT: LogFormat = LogFormat::Text;
 /// A `tracing_subscriber::EnvFilter` directive.
@@ -169,9 +206,32 @@ pub struct RelayConfig {
     pub http_listen: String,
     /// See [`DEFAULT_READY_STALL_TIMEOUT`].
     pub ready_stall_timeout: Duration,
+    /// Topic for poison rows under the `dead-letter` policy.
+    pub dead_letter_topic: Option<String>,
+    /// Policy by poison class (see [`POISON_CLASSES`]); `"*"` is the default.
+    pub poison_policies: std::collections::BTreeMap<String, PoisonPolicy>,
+    /// See [`DEFAULT_SLOT_BUSY_RETRY`].
+    pub slot_busy_retry: Duration,
+    /// Terminate a stale walsender holding our slot (see [`DEFAULT_STALE_HOLDER_TIMEOUT`]).
+    pub terminate_stale_holder: bool,
+    pub stale_holder_timeout: Duration,
 }
 
 impl RelayConfig {
+    /// The policy for a poison class: its own, else `*`, else dead-letter when a
+    /// dead-letter topic is set and stop otherwise.
+    pub fn poison_policy(&self, class: &str) -> PoisonPolicy {
+        self.poison_policies
+            .get(class)
+            .or_else(|| self.poison_policies.get("*"))
+            .copied()
+            .unwrap_or(if self.dead_letter_topic.is_some() {
+                PoisonPolicy::DeadLetter
+            } else {
+                PoisonPolicy::Stop
+            })
+    }
+
     /// The HTTP listener's address; `None` when switched off.
     pub fn http_listen_addr(&self) -> Option<std::net::SocketAddr> {
         if self.http_listen.eq_ignore_ascii_case("off") {
@@ -253,6 +313,11 @@ impl Default for RelayConfig {
             reconnect_backoff_max: DEFAULT_RECONNECT_BACKOFF_MAX,
             http_listen: DEFAULT_HTTP_LISTEN.to_string(),
             ready_stall_timeout: DEFAULT_READY_STALL_TIMEOUT,
+            dead_letter_topic: None,
+            poison_policies: Default::default(),
+            slot_busy_retry: DEFAULT_SLOT_BUSY_RETRY,
+            terminate_stale_holder: false,
+            stale_holder_timeout: DEFAULT_STALE_HOLDER_TIMEOUT,
         }
     }
 }

@@ -98,6 +98,26 @@ pub enum MappingError {
 impl MappingError {
     /// True when the error is about one row's content (a poison row) rather
     /// than about the table's shape or the protocol.
+    /// The poison class of a row error (see `config::POISON_CLASSES`), or
+    /// `None` for protocol errors.
+    pub fn poison_class(&self) -> Option<&'static str> {
+        Some(match self {
+            MappingError::NullColumn { .. } => "null_column",
+            MappingError::BadValue { .. } => "bad_value",
+            MappingError::InvalidTopic { .. } => "invalid_topic",
+            MappingError::MissingColumn { .. } => "missing_column",
+            MappingError::UnknownRelation(_) => return None,
+        })
+    }
+
+    /// The topic the row would have gone to, when known.
+    pub fn original_topic(&self) -> Option<&str> {
+        match self {
+            MappingError::InvalidTopic { topic, .. } => Some(topic),
+            _ => None,
+        }
+    }
+
     pub fn is_poison(&self) -> bool {
         matches!(
             self,
@@ -123,6 +143,9 @@ struct Resolved {
 #[derive(Debug)]
 enum RelationKind {
     Outbox(Resolved),
+    /// The outbox table, but the mapping cannot be resolved against it: each
+    /// of its rows is a poison row (class `missing_column`).
+    Broken(MappingError),
     /// A table the publication carries that is not the outbox table.
     Other {
         name: String,
@@ -145,6 +168,8 @@ pub struct OutboxMapper {
     cfg: MappingConfig,
     table: TableName,
     relations: HashMap<u32, RelationKind>,
+    /// Column names by relation, for [`OutboxMapper::row_json`].
+    column_names: HashMap<u32, Vec<String>>,
     topics: HashMap<Bytes, Arc<str>>,
     fixed_topic: Option<Arc<str>>,
     header_id: Arc<str>,
@@ -200,6 +225,7 @@ impl OutboxMapper {
             cfg,
             table,
             relations: HashMap::new(),
+            column_names: HashMap::new(),
             topics: HashMap::new(),
             provenance: None,
         }
@@ -216,6 +242,25 @@ impl OutboxMapper {
             );
             return Ok(());
         }
+        self.column_names.insert(
+            rel.oid,
+            rel.columns.iter().map(|c| c.name.clone()).collect(),
+        );
+        match self.resolve(rel) {
+            Ok(resolved) => {
+                self.relations
+                    .insert(rel.oid, RelationKind::Outbox(resolved));
+                Ok(())
+            }
+            Err(e) => {
+                self.relations
+                    .insert(rel.oid, RelationKind::Broken(e.clone()));
+                Err(e)
+            }
+        }
+    }
+
+    fn resolve(&self, rel: &Relation) -> Result<Resolved, MappingError> {
         let table = format!("{}.{}", rel.namespace, rel.name);
         let available = || {
             rel.columns
@@ -256,15 +301,44 @@ impl OutboxMapper {
                 .map(|c| Ok((Arc::from(c.as_str()), find(c, "header_columns")?)))
                 .collect::<Result<_, MappingError>>()?,
         };
-        self.relations
-            .insert(rel.oid, RelationKind::Outbox(resolved));
-        Ok(())
+        Ok(resolved)
+    }
+
+    /// The row's id column as text, when the relation and column are known.
+    pub fn row_id(&self, ins: &Insert) -> Option<Bytes> {
+        let names = self.column_names.get(&ins.relation_oid)?;
+        let idx = names.iter().position(|n| *n == self.cfg.id_column)?;
+        text(&ins.tuple, idx)
+    }
+
+    /// The row as a JSON object of its columns' text (for a dead-letter
+    /// record: nothing of the row is lost).
+    pub fn row_json(&self, ins: &Insert) -> Bytes {
+        let names = self.column_names.get(&ins.relation_oid);
+        let mut obj = serde_json::Map::new();
+        for (i, col) in ins.tuple.columns.iter().enumerate() {
+            let name = names
+                .and_then(|n| n.get(i))
+                .cloned()
+                .unwrap_or_else(|| format!("column_{i}"));
+            let value = match col {
+                Column::Null => serde_json::Value::Null,
+                Column::UnchangedToast => serde_json::Value::String("(unchanged toast)".into()),
+                Column::Text(b) => {
+                    serde_json::Value::String(String::from_utf8_lossy(b).into_owned())
+                }
+                Column::Binary(b) => serde_json::Value::String(format!("\\x{}", hex(b))),
+            };
+            obj.insert(name, value);
+        }
+        Bytes::from(serde_json::Value::Object(obj).to_string())
     }
 
     /// Turn one inserted row into a record.
     pub fn map_insert(&mut self, ins: &Insert, txn: &TxnInfo) -> Result<Mapped, MappingError> {
         let resolved = match self.relations.get(&ins.relation_oid) {
             None => return Err(MappingError::UnknownRelation(ins.relation_oid)),
+            Some(RelationKind::Broken(e)) => return Err(e.clone()),
             Some(RelationKind::Other { name }) => {
                 return Ok(Mapped::OtherTable {
                     table: name.clone(),
@@ -713,4 +787,8 @@ mod tests {
         assert!(decode_bytea(b"\\xzz").is_err());
         assert_eq!(&decode_bytea(b"\\x").unwrap()[..], b"");
     }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }

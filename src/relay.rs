@@ -23,17 +23,19 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use rand::Rng;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use crate::ack::{AckError, AckTracker};
-use crate::config::Config;
+use crate::config::{Config, PoisonPolicy};
 use crate::kafka::{DeliveryToken, KafkaSink, KafkaSinkError, SinkEvent, SinkSettings};
 use crate::lsn::Lsn;
 use crate::metrics::{latency_since_commit, Metrics, ProgressLog};
 use crate::outbox::{Mapped, MappingError, OutboxMapper, OutboxRecord, TxnInfo};
-use crate::pgoutput::{DecodeError, Decoder, Message};
+use crate::pgoutput::{DecodeError, Decoder, Insert, Message};
 use crate::replication::{
     ReplicationClient, ReplicationError, ReplicationMessage, ReplicationStream,
 };
@@ -100,6 +102,8 @@ pub enum RelayError {
     Unexpected(&'static str),
     #[error("PostgreSQL ended the replication stream")]
     StreamEnded,
+    #[error("poison row ({class}): {reason}. The relay stops rather than skip it; fix the row or the mapping, or set --dead-letter-topic to divert such rows (policy dead-letter)")]
+    Poison { class: &'static str, reason: String },
     #[error("--start-lsn {start} is below slot {slot:?}'s confirmed position {confirmed}: PostgreSQL cannot rewind a logical slot, and everything below {confirmed} was already delivered. To re-publish older events use a bookmark (outbox-relay bookmark create, then replay --from-bookmark) or table replay (replay --from-id/--from-time)")]
     StartBelowConfirmed {
         start: Lsn,
@@ -129,6 +133,7 @@ impl RelayError {
             | RelayError::SlotInvalidated { .. }
             | RelayError::SlotPlugin { .. }
             | RelayError::StartBelowConfirmed { .. }
+            | RelayError::Poison { .. }
             | RelayError::Unexpected(_) => Fatal,
             RelayError::Mapping(_) => Fatal,
             RelayError::Setup(e) => {
@@ -173,6 +178,11 @@ impl RelayError {
         }
     }
 
+    /// Another process streams from the slot (SQLSTATE 55006, "active for PID").
+    pub fn is_slot_busy(&self) -> bool {
+        matches!(self, RelayError::Replication(ReplicationError::Server(s)) if s.code == "55006")
+    }
+
     /// Errors after which the producer is rebuilt.
     fn rebuild_producer(&self) -> bool {
         matches!(
@@ -201,6 +211,10 @@ enum SessionEnd {
 
 /// Header marking records re-published by `replay`.
 pub const HEADER_REPLAY: &str = "replay";
+/// Dead-letter headers: the poison class, the reason, the topic the row was for.
+pub const HEADER_ERROR_CLASS: &str = "outbox-relay-error-class";
+pub const HEADER_ERROR_REASON: &str = "outbox-relay-error-reason";
+pub const HEADER_ORIGINAL_TOPIC: &str = "outbox-relay-original-topic";
 
 /// Where a stream starts and ends, and what it confirms. The defaults are the
 /// live relay: from the slot's confirmed position, forever, confirming.
@@ -344,10 +358,21 @@ impl Relay {
             if began.elapsed() >= HEALTHY_SESSION {
                 backoff = min;
             }
-            // Full jitter between min and the current ceiling.
-            let delay = rand::thread_rng().gen_range(min..=backoff.max(min));
-            tracing::warn!(error = %err, retry_in = ?delay, "replication session failed; resuming from the slot");
-            backoff = (backoff * 2).min(max);
+            let delay = if err.is_slot_busy() {
+                // Standby: another relay streams from the slot (PostgreSQL allows
+                // one consumer). Poll at a steady pace to take over within seconds.
+                if self.cfg.relay.terminate_stale_holder {
+                    terminate_stale_holder(&self.cfg).await;
+                }
+                tracing::info!(error = %err, "the slot is held by another process; standing by");
+                self.cfg.relay.slot_busy_retry
+            } else {
+                // Full jitter between min and the current ceiling.
+                let delay = rand::thread_rng().gen_range(min..=backoff.max(min));
+                tracing::warn!(error = %err, retry_in = ?delay, "replication session failed; resuming from the slot");
+                backoff = (backoff * 2).min(max);
+                delay
+            };
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(delay) => {}
@@ -474,6 +499,47 @@ impl Relay {
         } else {
             SessionEnd::Shutdown
         })
+    }
+}
+
+/// The slot is held: if the holder is a walsender carrying our
+/// application_name that has sent no status reply for `stale_holder_timeout`
+/// (the half-open connection of a relay that died), terminate it. A live relay
+/// replies every status interval, so it is never taken for stale.
+async fn terminate_stale_holder(cfg: &Config) {
+    let Ok(client) = crate::sql::connect(&cfg.postgres).await else {
+        return;
+    };
+    let row = client
+        .query_opt(
+            "SELECT s.active_pid, r.application_name, \
+                    extract(epoch FROM now() - coalesce(r.reply_time, r.backend_start))::float8 \
+             FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid \
+             WHERE s.slot_name = $1",
+            &[&cfg.postgres.slot],
+        )
+        .await;
+    let Ok(Some(row)) = row else { return };
+    let pid: i32 = row.get(0);
+    let app: Option<String> = row.get(1);
+    let silent_for: f64 = row.get(2);
+    if app.as_deref() != Some(cfg.postgres.application_name.as_str())
+        || silent_for < cfg.relay.stale_holder_timeout.as_secs_f64()
+    {
+        return;
+    }
+    match client
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+    {
+        Ok(_) => tracing::warn!(
+            pid,
+            silent_for_s = silent_for,
+            "terminated a stale walsender holding the slot under our application_name"
+        ),
+        Err(e) => {
+            tracing::warn!(pid, error = %crate::setup::describe_pg_error(&e), "cannot terminate the stale walsender holding the slot")
+        }
     }
 }
 
@@ -739,39 +805,31 @@ impl Session<'_> {
                         self.txn = None;
                         self.metrics.sent_lsn(c.end_lsn);
                     }
-                    Message::Relation(r) => self.mapper.on_relation(&r)?,
+                    Message::Relation(r) => {
+                        if let Err(e) = self.mapper.on_relation(&r) {
+                            // The mapping cannot apply to the table's new shape.
+                            if self.cfg.relay.poison_policy("missing_column") == PoisonPolicy::Stop
+                            {
+                                return Err(e.into());
+                            }
+                            tracing::error!(error = %e, "every row of this table shape goes to the dead-letter topic until the mapping or the table is fixed");
+                        }
+                    }
                     Message::Insert(ins) => {
                         let txn = self.txn.ok_or(AckError::NoOpenTransaction("Insert"))?;
-                        match self.mapper.map_insert(&ins, &txn)? {
-                            Mapped::Record(mut record) => {
-                                if let Some(topic) = &self.opts.topic_override {
-                                    record.topic = Arc::from(topic.as_str());
-                                }
-                                if let Some(replay) = &self.opts.replay_header {
-                                    record.headers.push((
-                                        Arc::from(HEADER_REPLAY),
-                                        bytes::Bytes::from(replay.clone()),
-                                    ));
-                                }
-                                if !self.known_topics.contains(&record.topic) {
-                                    sink.prepare_topic(&record.topic).await?;
-                                    self.known_topics.insert(record.topic.clone());
-                                }
-                                let txn_token = self.tracker.record_sent()?;
-                                let token = DeliveryToken {
-                                    generation: self.generation,
-                                    txn: txn_token,
-                                    bytes: record.size(),
-                                    commit_time: txn.commit_time,
-                                };
-                                self.window.records += 1;
-                                self.window.bytes += token.bytes;
-                                self.metrics.record_produced(&record.topic, token.bytes);
-                                self.metrics
-                                    .in_flight(self.window.records, self.window.bytes);
-                                self.send_record(sink, record, token)?;
+                        match self.mapper.map_insert(&ins, &txn) {
+                            Ok(Mapped::Record(record)) => {
+                                self.forward(record, &ins, &txn, sink).await?
                             }
-                            Mapped::OtherTable { table } => self.warn_once(table, "insert"),
+                            Ok(Mapped::OtherTable { table }) => self.warn_once(table, "insert"),
+                            Err(e) => match e.poison_class() {
+                                Some(class) => {
+                                    let topic = e.original_topic().map(str::to_string);
+                                    self.poison(class, e.to_string(), topic, &ins, &txn, sink)
+                                        .await?
+                                }
+                                None => return Err(e.into()),
+                            },
                         }
                     }
                     Message::Update(_) => self.warn_once("(update)".into(), "update"),
@@ -793,6 +851,126 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// Send one mapped record (live or replay) to its topic.
+    async fn forward(
+        &mut self,
+        mut record: OutboxRecord,
+        ins: &Insert,
+        txn: &TxnInfo,
+        sink: &mut KafkaSink,
+    ) -> Result<(), RelayError> {
+        if let Some(topic) = &self.opts.topic_override {
+            record.topic = Arc::from(topic.as_str());
+        }
+        if let Some(replay) = &self.opts.replay_header {
+            record
+                .headers
+                .push((Arc::from(HEADER_REPLAY), Bytes::from(replay.clone())));
+        }
+        let size = record.size();
+        let topic = record.topic.to_string();
+        match self.produce(record, txn, sink).await {
+            Err(RelayError::Kafka(KafkaSinkError::Produce(KafkaError::MessageProduction(
+                RDKafkaErrorCode::MessageSizeTooLarge,
+            )))) => {
+                let reason = format!(
+                    "the record is {size} bytes, above the producer's message.max.bytes; raise it on the broker (max.message.bytes) and the relay (--kafka-property message.max.bytes=N), or make the row smaller"
+                );
+                self.poison("too_large", reason, Some(topic), ins, txn, sink)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    /// Prepare the topic, then hand the record to the producer.
+    async fn produce(
+        &mut self,
+        record: OutboxRecord,
+        txn: &TxnInfo,
+        sink: &mut KafkaSink,
+    ) -> Result<(), RelayError> {
+        if !self.known_topics.contains(&record.topic) {
+            sink.prepare_topic(&record.topic).await?;
+            self.known_topics.insert(record.topic.clone());
+        }
+        let token = DeliveryToken {
+            generation: self.generation,
+            txn: self
+                .tracker
+                .open_token()
+                .ok_or(AckError::NoOpenTransaction("a row"))?,
+            bytes: record.size(),
+            commit_time: txn.commit_time,
+        };
+        self.send_record(sink, record, token)
+    }
+
+    /// A row that can never become its record: stop, or dead-letter it with
+    /// the reason, as the policy for its class says. Never skipped silently.
+    async fn poison(
+        &mut self,
+        class: &'static str,
+        reason: String,
+        original_topic: Option<String>,
+        ins: &Insert,
+        txn: &TxnInfo,
+        sink: &mut KafkaSink,
+    ) -> Result<(), RelayError> {
+        let policy = self.cfg.relay.poison_policy(class);
+        let Some(dead_letter) = self
+            .cfg
+            .relay
+            .dead_letter_topic
+            .as_deref()
+            .filter(|_| policy == PoisonPolicy::DeadLetter)
+        else {
+            return Err(RelayError::Poison { class, reason });
+        };
+        let id = self.mapper.row_id(ins);
+        // A too-large row would be too large in the dead-letter topic as well:
+        // send its identity and the reason; the row itself stays in the WAL/table.
+        let payload = if class == "too_large" {
+            Bytes::from(
+                serde_json::json!({
+                    "id": id.as_ref().map(|b| String::from_utf8_lossy(b).into_owned()),
+                    "reason": reason,
+                })
+                .to_string(),
+            )
+        } else {
+            self.mapper.row_json(ins)
+        };
+        let mut headers: Vec<(Arc<str>, Bytes)> = vec![
+            (
+                Arc::from(HEADER_ERROR_CLASS),
+                Bytes::from_static(class.as_bytes()),
+            ),
+            (Arc::from(HEADER_ERROR_REASON), Bytes::from(reason.clone())),
+            (
+                Arc::from(crate::outbox::HEADER_LSN),
+                Bytes::from(txn.commit_lsn.to_string()),
+            ),
+        ];
+        if let Some(id) = &id {
+            headers.push((Arc::from("id"), id.clone()));
+        }
+        if let Some(t) = &original_topic {
+            headers.push((Arc::from(HEADER_ORIGINAL_TOPIC), Bytes::from(t.clone())));
+        }
+        let record = OutboxRecord {
+            topic: Arc::from(dead_letter),
+            key: id.clone(),
+            payload: Some(payload),
+            headers,
+            id,
+        };
+        tracing::warn!(class, reason = %reason, topic = dead_letter, "poison row dead-lettered");
+        self.metrics
+            .dead_lettered(original_topic.as_deref().unwrap_or(dead_letter));
+        self.produce(record, txn, sink).await
+    }
+
     /// Hand a record to the producer; a full librdkafka queue parks it.
     fn send_record(
         &mut self,
@@ -801,7 +979,17 @@ impl Session<'_> {
         token: DeliveryToken,
     ) -> Result<(), RelayError> {
         match sink.send(&record, token) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                // Counted only once librdkafka holds it, so a refused record
+                // never leaves its transaction waiting for an acknowledgement.
+                self.tracker.record_sent()?;
+                self.window.records += 1;
+                self.window.bytes += token.bytes;
+                self.metrics.record_produced(&record.topic, token.bytes);
+                self.metrics
+                    .in_flight(self.window.records, self.window.bytes);
+                Ok(())
+            }
             Err(KafkaSinkError::QueueFull) => {
                 self.queued = Some((record, token));
                 Ok(())

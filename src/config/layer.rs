@@ -147,6 +147,14 @@ pub struct RelayLayer {
     pub http_listen: Option<String>,
     #[serde(default, deserialize_with = "units::de_opt_duration")]
     pub ready_stall_timeout: Option<Duration>,
+    pub dead_letter_topic: Option<String>,
+    /// `class = "stop" | "dead-letter"`, `"*"` for the default.
+    pub poison_policy: Option<BTreeMap<String, String>>,
+    #[serde(default, deserialize_with = "units::de_opt_duration")]
+    pub slot_busy_retry: Option<Duration>,
+    pub terminate_stale_holder: Option<bool>,
+    #[serde(default, deserialize_with = "units::de_opt_duration")]
+    pub stale_holder_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -269,6 +277,17 @@ impl Layer {
                 reconnect_backoff_max: tr.reconnect_backoff_max.or(r.reconnect_backoff_max),
                 http_listen: tr.http_listen.or(r.http_listen),
                 ready_stall_timeout: tr.ready_stall_timeout.or(r.ready_stall_timeout),
+                dead_letter_topic: tr.dead_letter_topic.or(r.dead_letter_topic),
+                poison_policy: match (r.poison_policy, tr.poison_policy) {
+                    (Some(mut low), Some(high)) => {
+                        low.extend(high);
+                        Some(low)
+                    }
+                    (low, high) => high.or(low),
+                },
+                slot_busy_retry: tr.slot_busy_retry.or(r.slot_busy_retry),
+                terminate_stale_holder: tr.terminate_stale_holder.or(r.terminate_stale_holder),
+                stale_holder_timeout: tr.stale_holder_timeout.or(r.stale_holder_timeout),
             },
             log: LogLayer {
                 format: top.log.format.or(self.log.format),
@@ -290,6 +309,7 @@ impl Config {
             relay: r,
             log: l,
         } = layer;
+        let raw_poison_policy = r.poison_policy.clone();
 
         let password = match (p.password, p.password_file) {
             (Some(_), Some(file)) => {
@@ -414,6 +434,18 @@ impl Config {
                 ready_stall_timeout: r
                     .ready_stall_timeout
                     .unwrap_or(super::DEFAULT_READY_STALL_TIMEOUT),
+                dead_letter_topic: r.dead_letter_topic.filter(|t| !t.is_empty()),
+                poison_policies: r
+                    .poison_policy
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
+                    .collect(),
+                slot_busy_retry: r.slot_busy_retry.unwrap_or(super::DEFAULT_SLOT_BUSY_RETRY),
+                terminate_stale_holder: r.terminate_stale_holder.unwrap_or(false),
+                stale_holder_timeout: r
+                    .stale_holder_timeout
+                    .unwrap_or(super::DEFAULT_STALE_HOLDER_TIMEOUT),
             },
             log: LogConfig {
                 format: l.format.unwrap_or(DEFAULT_LOG_FORMAT),
@@ -421,6 +453,7 @@ impl Config {
             },
         };
         problems.extend(validate::validate(&config));
+        validate::poison(raw_poison_policy.as_ref(), &config, &mut problems);
         if problems.is_empty() {
             Ok(config)
         } else {

@@ -341,6 +341,39 @@ fn relay(cfg: &Config, out: &mut Vec<Problem>) {
     }
 }
 
+pub(super) fn poison(
+    layer_policies: Option<&std::collections::BTreeMap<String, String>>,
+    cfg: &Config,
+    out: &mut Vec<Problem>,
+) {
+    for (class, policy) in layer_policies.into_iter().flatten() {
+        if class != "*" && !crate::config::POISON_CLASSES.contains(&class.as_str()) {
+            out.push(Problem::new(
+                format!("unknown poison class {class:?}"),
+                format!("use one of {}", crate::config::POISON_CLASSES.join(", ")),
+            ));
+        }
+        if let Err(e) = policy.parse::<crate::config::PoisonPolicy>() {
+            out.push(Problem::new(
+                e,
+                format!("fix {}", setting("relay.poison_policy", "poison-policy")),
+            ));
+        }
+    }
+    let uses_dead_letter = crate::config::POISON_CLASSES
+        .iter()
+        .any(|c| cfg.relay.poison_policy(c) == crate::config::PoisonPolicy::DeadLetter);
+    if uses_dead_letter && cfg.relay.dead_letter_topic.is_none() {
+        out.push(Problem::new(
+            "a poison policy is dead-letter but no dead-letter topic is set",
+            format!(
+                "set {}",
+                setting("relay.dead_letter_topic", "dead-letter-topic")
+            ),
+        ));
+    }
+}
+
 fn http(cfg: &Config, out: &mut Vec<Problem>) {
     let listen = &cfg.relay.http_listen;
     if cfg.relay.http_listen_addr().is_none() && !listen.eq_ignore_ascii_case("off") {
