@@ -82,6 +82,86 @@ async fn chaos_long() {
     run(Plan::long()).await;
 }
 
+/// One fault combination the random schedule reaches only now and then, pinned:
+/// a relay (re)started while the broker hangs for longer than the admin request
+/// timeout (15 s) must wait for the broker, not exit. Its session's first record
+/// makes it prepare the topic, which then fails with "Admin operation error:
+/// OperationTimedOut (Local: Timed out)".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_started_during_a_long_broker_hang_waits_for_the_broker() {
+    let pg = PgCluster::start(pg_version(), &[]);
+    let client = pg.client().await;
+    client.batch_execute(TABLE_SQL).await.expect("outbox table");
+    let mut broker = Broker::start_memory();
+    broker.warm_up().await;
+    let slot = unique_name("hang_slot");
+    let args = [
+        "run",
+        "--postgres-url",
+        &pg.url(),
+        "--kafka-brokers",
+        &broker.bootstrap(),
+        "--slot",
+        &slot,
+        "--publication",
+        &unique_name("hang_pub"),
+        "--reconnect-backoff-min",
+        "100ms",
+        "--reconnect-backoff-max",
+        "1s",
+    ];
+    let insert = "INSERT INTO outbox_events (aggregatetype, aggregateid, type, payload) \
+                  SELECT 'Hang', 'k', 'Hung', jsonb_build_object('n', g) FROM generate_series(1, 5) g";
+
+    let mut first = RelayProcess::spawn(&args, &[("RUST_LOG", RELAY_LOG)]);
+    first
+        .wait_for_log("streaming", Duration::from_secs(60))
+        .await;
+    client.batch_execute(insert).await.expect("insert");
+    let lsn = lsn_to_u64(&harness::current_wal_lsn(&client).await);
+    wait_confirmed(&client, &slot, lsn, "the first rows are confirmed").await;
+
+    broker.pause();
+    first.kill9();
+    let mut second = RelayProcess::spawn(&args, &[("RUST_LOG", RELAY_LOG)]);
+    second
+        .wait_for_log("streaming", Duration::from_secs(60))
+        .await;
+    client.batch_execute(insert).await.expect("insert");
+    let lsn = lsn_to_u64(&harness::current_wal_lsn(&client).await);
+    let hang = Instant::now();
+    while hang.elapsed() < Duration::from_secs(20) {
+        if let Some(status) = second.try_status() {
+            panic!(
+                "the relay exited ({status}) {:.1?} into a broker hang; it must wait for the broker\n\
+                 --- relay log (tail) ---\n{}",
+                hang.elapsed(),
+                tail(&second.log(), 20)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    broker.resume();
+    wait_confirmed(&client, &slot, lsn, "the rows of the hang are confirmed").await;
+    assert!(second.is_running(), "relay log:\n{}", second.log());
+}
+
+/// Waits (60 s at most) until `slot` confirms `lsn`.
+async fn wait_confirmed(client: &tokio_postgres::Client, slot: &str, lsn: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let confirmed = harness::slot_confirmed_flush_lsn(client, slot)
+            .await
+            .map(|l| lsn_to_u64(&l))
+            .unwrap_or(0);
+        if confirmed >= lsn {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 // ---------------------------------------------------------------------------
 // The plan
 // ---------------------------------------------------------------------------

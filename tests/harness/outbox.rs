@@ -97,11 +97,14 @@ pub struct Expected {
 }
 
 impl Expected {
+    /// The good rows (poison-row tests give theirs ids starting `00000000-0000-0000-0000-`).
     pub async fn read(client: &tokio_postgres::Client) -> Expected {
         let rows = client
             .query(
                 "SELECT id::text, aggregatetype, aggregateid, type, payload::text, (payload->>'seq')::bigint \
-                 FROM outbox_events ORDER BY (payload->>'seq')::bigint",
+                 FROM outbox_events \
+                 WHERE id::text NOT LIKE '00000000-0000-0000-0000-%' \
+                 ORDER BY (payload->>'seq')::bigint",
                 &[],
             )
             .await

@@ -143,6 +143,9 @@ struct BenchArgs {
     /// (then `perf report -i FILE`)
     #[arg(long, value_name = "FILE")]
     perf_relay: Option<PathBuf>,
+    /// Write each steady window's (commit µs, receive µs) pairs as CSV here
+    #[arg(long, value_name = "DIR")]
+    dump_stamps: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -192,6 +195,7 @@ fn settings(a: &BenchArgs) -> Settings {
         poll_batch: a.poll_batch,
         fetch_wait_ms: a.fetch_wait_ms,
         perf_relay: a.perf_relay.clone(),
+        dump_stamps: a.dump_stamps.clone(),
     }
 }
 

@@ -178,6 +178,37 @@ pub fn markdown(r: &Results) -> String {
         for w in &r.steady {
             latency_row(&mut s, w);
         }
+        let relay: Vec<&Window> = r.steady.iter().filter(|w| w.subject == "relay").collect();
+        if !relay.is_empty() {
+            let _ = writeln!(
+                s,
+                "\nWho is behind, in the relay windows: the relay's walsender sampled every 20 ms \
+                 (`pg_stat_replication.wait_event`; `cpu` = decoding/sending, \
+                 `WalSenderWaitForWAL` = caught up, waiting for commits, `WalSenderWriteData` = \
+                 socket full: the relay is not reading fast enough), and the most WAL the walsender \
+                 had not yet sent (decoding behind the writers).\n"
+            );
+            let _ = writeln!(
+                s,
+                "| rows/txn | rate/s | walsender states | max unsent WAL (MiB) |\n|---|---|---|---|"
+            );
+            for w in relay {
+                let states = w
+                    .walsender
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v:.0} %"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {:.1} |",
+                    w.rows_per_txn,
+                    w.target_rate,
+                    states,
+                    w.max_unsent_wal_bytes as f64 / 1048576.0
+                );
+            }
+        }
         let _ = writeln!(s, "\n![latency plot](latency.png)\n");
         let _ = writeln!(
             s,

@@ -134,6 +134,14 @@ pub struct Window {
     /// The benchmark process itself (writers' client side, consumer).
     pub bench: Usage,
     pub machine: MachineUsage,
+    /// Relay windows: what the relay's walsender was doing, sampled every
+    /// 20 ms over the window (`pg_stat_replication.wait_event`, "cpu" when
+    /// none): `WalSenderWriteData` = the relay is not reading fast enough,
+    /// `WalSenderWaitForWAL` = the relay is caught up.
+    pub walsender: Vec<(String, f64)>,
+    /// Largest `pg_current_wal_lsn() - sent_lsn` seen: WAL the walsender had
+    /// not sent yet (decoding behind).
+    pub max_unsent_wal_bytes: u64,
 }
 
 #[derive(Debug, Serialize)]

@@ -39,6 +39,8 @@ pub struct Settings {
     pub fetch_wait_ms: u32,
     /// Record a `perf` profile of the relay during catch-up into this file.
     pub perf_relay: Option<PathBuf>,
+    /// Write every window's (commit, receive) stamps as CSV into this dir.
+    pub dump_stamps: Option<PathBuf>,
 }
 
 /// The servers and binaries every scenario uses.

@@ -146,6 +146,10 @@ pub async fn window(
         warmup: s.warmup,
         measure,
     };
+    let walsender = match subject {
+        Subject::Relay(_) => Some(sample_walsender(ctx, s.warmup, measure).await?),
+        _ => None,
+    };
     let snap_a = std::cell::RefCell::new(None);
     let (outcome, snap_b) = if let Subject::BrokerFloor = subject {
         let producer = poller.as_mut().expect("spawned above");
@@ -164,6 +168,10 @@ pub async fn window(
         Subject::Polling { interval } => *interval + Duration::from_secs(15),
     };
     let stamps = consumer.finish(outcome.rows_total, drain).await?;
+    let (walsender, max_unsent_wal_bytes) = match walsender {
+        Some(task) => task.await.map_err(|e| e.to_string())?,
+        None => (Vec::new(), 0),
+    };
     let mut outcome = outcome;
     if let Subject::BrokerFloor = subject {
         // The producer counts what it sent; "in the window" is by send time.
@@ -198,6 +206,16 @@ pub async fn window(
     let d = between(&snap_a, &snap_b);
     let events = outcome.rows_in_window;
     let (process, postgres, broker, bench) = d.usages(events, peak_kb);
+    if let Some(dir) = &s.dump_stamps {
+        let mut csv = String::from("commit_us,recv_us\n");
+        for st in &stamps {
+            csv.push_str(&format!("{},{}\n", st.commit_us, st.recv_us));
+        }
+        let file = dir.join(format!("{label}_{shape}.csv"));
+        std::fs::create_dir_all(dir)
+            .and_then(|_| std::fs::write(&file, csv))
+            .map_err(|e| format!("write {}: {e}", file.display()))?;
+    }
     let received = stamps.len() as u64;
     let latency = load::latency(&stamps, outcome.window_start_us, outcome.window_end_us);
     let w = Window {
@@ -217,6 +235,8 @@ pub async fn window(
         broker,
         bench,
         machine: d.machine,
+        walsender,
+        max_unsent_wal_bytes,
     };
     if !hwm_reset {
         eprintln!("[bench] warning: could not reset the peak RSS of pid {subject_pid}; it is the process lifetime's");
@@ -259,4 +279,53 @@ async fn floor_outcome(
         window_end_us: start_us + warmup_us + plan.measure.as_micros() as i64,
     };
     Ok((outcome, snap_b))
+}
+
+/// Samples the relay's walsender every 20 ms during the measurement window.
+async fn sample_walsender(
+    ctx: &Ctx,
+    warmup: Duration,
+    measure: Duration,
+) -> Result<tokio::task::JoinHandle<(Vec<(String, f64)>, u64)>, String> {
+    let client = sql(ctx).await?;
+    Ok(tokio::spawn(async move {
+        tokio::time::sleep(warmup + Duration::from_millis(50)).await;
+        let end = tokio::time::Instant::now() + measure;
+        let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
+        let mut total = 0u64;
+        let mut max_unsent = 0u64;
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        while tokio::time::Instant::now() < end {
+            tick.tick().await;
+            let rows = match client
+                .query(
+                    "SELECT coalesce(a.wait_event, 'cpu'), \
+                            (pg_current_wal_lsn() - r.sent_lsn)::int8 \
+                     FROM pg_stat_replication r JOIN pg_stat_activity a USING (pid) \
+                     WHERE r.application_name = 'outbox-relay'",
+                    &[],
+                )
+                .await
+            {
+                Ok(rows) => rows,
+                Err(e) => {
+                    eprintln!("[bench] warning: sampling pg_stat_replication: {e}");
+                    break;
+                }
+            };
+            for row in rows {
+                let event: String = row.get(0);
+                let unsent: Option<i64> = row.get(1);
+                *counts.entry(event).or_default() += 1;
+                total += 1;
+                max_unsent = max_unsent.max(unsent.unwrap_or(0).max(0) as u64);
+            }
+        }
+        let mut shares: Vec<(String, f64)> = counts
+            .into_iter()
+            .map(|(k, n)| (k, 100.0 * n as f64 / total.max(1) as f64))
+            .collect();
+        shares.sort_by(|a, b| b.1.total_cmp(&a.1));
+        (shares, max_unsent)
+    }))
 }
