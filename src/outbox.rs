@@ -487,6 +487,10 @@ pub fn format_commit_time(pg_micros: i64) -> String {
     humantime::format_rfc3339_micros(t).to_string()
 }
 
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -787,8 +791,4 @@ mod tests {
         assert!(decode_bytea(b"\\xzz").is_err());
         assert_eq!(&decode_bytea(b"\\x").unwrap()[..], b"");
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
