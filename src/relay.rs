@@ -323,7 +323,13 @@ impl Relay {
     }
 
     /// Stream until shut down or a fatal error.
-    pub async fn run(mut self) -> Result<(), RelayError> {
+    pub async fn run(self) -> Result<(), RelayError> {
+        self.run_to_end().await.map(|_| ())
+    }
+
+    /// Like [`Relay::run`]; `Ok(true)` when [`StreamOptions::end_lsn`] was
+    /// reached with everything acknowledged, `Ok(false)` when stopped before.
+    pub async fn run_to_end(mut self) -> Result<bool, RelayError> {
         let min = self.cfg.relay.reconnect_backoff_min;
         let max = self.cfg.relay.reconnect_backoff_max;
         let mut backoff = min;
@@ -333,11 +339,11 @@ impl Relay {
             self.metrics.streaming(false);
             self.metrics.slot_held(false);
             let err = match result {
-                Ok(SessionEnd::Shutdown) | Ok(SessionEnd::Finished) => {
+                Ok(end) => {
                     if let Some(sink) = self.sink.take() {
                         sink.close(Duration::from_secs(1)).await;
                     }
-                    return Ok(());
+                    return Ok(matches!(end, SessionEnd::Finished));
                 }
                 Err(e) => e,
             };
@@ -374,7 +380,7 @@ impl Relay {
                 delay
             };
             tokio::select! {
-                _ = self.shutdown.cancelled() => return Ok(()),
+                _ = self.shutdown.cancelled() => return Ok(false),
                 _ = tokio::time::sleep(delay) => {}
             }
         }
@@ -654,6 +660,16 @@ impl Session<'_> {
                     break;
                 }
                 if tokio::time::Instant::now() >= deadline {
+                    if self.finished {
+                        // A replay must not report success with records unacknowledged.
+                        return Err(RelayError::Delivery {
+                            topic: "(replay)".into(),
+                            error: format!(
+                                "{} records still unacknowledged at the end position",
+                                self.tracker.pending_records()
+                            ),
+                        });
+                    }
                     tracing::warn!(
                         pending = self.tracker.pending_records(),
                         "shutdown deadline reached with records unacknowledged; they will be sent again on the next start"

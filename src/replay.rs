@@ -168,7 +168,7 @@ pub async fn replay_bookmark(
     replay_cfg.postgres.create_slot = false;
     replay_cfg.postgres.create_publication = false;
     tracing::info!(bookmark = %replay.name, slot = %target, to = %end, "replaying");
-    Relay::with_metrics(replay_cfg, shutdown, Metrics::new())
+    let finished = Relay::with_metrics(replay_cfg, shutdown, Metrics::new())
         .stream_options(StreamOptions {
             start_lsn: None,
             end_lsn: Some(end),
@@ -176,8 +176,14 @@ pub async fn replay_bookmark(
             replay_header: Some(format!("bookmark:{}", replay.name)),
             topic_override: replay.topic_override.clone(),
         })
-        .run()
+        .run_to_end()
         .await?;
+    if !finished {
+        return Err(ReplayError::Usage(format!(
+            "replay stopped before reaching {end}; bookmark {} is kept, run the replay again",
+            replay.name
+        )));
+    }
     if !replay.keep {
         client
             .execute("SELECT pg_drop_replication_slot($1)", &[&target])

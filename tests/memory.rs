@@ -22,7 +22,12 @@
 
 mod harness;
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::message::Message as _;
+use rdkafka::{Offset, TopicPartitionList};
 
 use harness::{
     current_wal_lsn, lsn_to_u64, slot_confirmed_flush_lsn, unique_name, Broker, PgCluster,
@@ -121,6 +126,43 @@ async fn insert(client: &tokio_postgres::Client, per_txn: i64) {
     }
 }
 
+/// Reads the topic from the beginning and returns how many distinct events (by
+/// their `seq`) it holds: the slot's confirmation must mean delivery.
+fn distinct_events(broker: &Broker, topic: &str) -> usize {
+    let consumer: BaseConsumer = broker
+        .client_config()
+        .set("group.id", unique_name("memory_count"))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_uncommitted")
+        .create()
+        .expect("create a consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in broker.partitions(topic) {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("add partition");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut seen = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut idle_since = Instant::now();
+    while Instant::now() < deadline && idle_since.elapsed() < Duration::from_secs(10) {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                idle_since = Instant::now();
+                let payload: serde_json::Value =
+                    serde_json::from_slice(m.payload().unwrap_or_default()).expect("JSON payload");
+                seen.insert(payload["seq"].as_i64().expect("seq"));
+                if seen.len() as i64 >= EVENTS {
+                    break;
+                }
+            }
+            Some(Err(e)) => eprintln!("[memory] consume: {e}"),
+            None => {}
+        }
+    }
+    seen.len()
+}
+
 /// What one run measured.
 struct Measured {
     peak_kb: u64,
@@ -162,6 +204,12 @@ async fn drain(setup: &Setup, relay: &mut RelayProcess, target: u64) -> Measured
     }
     let drain = began.elapsed();
     let peak_kb = proc_status_kb(pid, "VmHWM:").expect("VmHWM of the relay");
+    let delivered =
+        tokio::task::block_in_place(|| distinct_events(&setup.broker, "outbox.event.Memory"));
+    assert_eq!(
+        delivered as i64, EVENTS,
+        "the slot confirmed everything, so every event must be in the topic"
+    );
     Measured {
         peak_kb,
         max_sampled_kb: max_sampled,

@@ -129,9 +129,10 @@ pub async fn run(ctx: &Ctx) -> Result<(CatchUp, Guarded), String> {
     let client = sql(ctx).await?;
     ensure_slot(&client, CEILING_SLOT).await?;
     let lsn_before = current_lsn(&client).await?;
-    eprintln!(
-        "[bench] catch-up: inserting a backlog of {} events ({} per transaction)",
-        s.events, s.backlog_txn_rows
+    say!(
+        "catch-up: inserting a backlog of {} events ({} per transaction)",
+        s.events,
+        s.backlog_txn_rows
     );
     let backlog_insert_s = insert_backlog(ctx).await?;
     let end_lsn = current_lsn(&client).await?;
@@ -148,7 +149,7 @@ pub async fn run(ctx: &Ctx) -> Result<(CatchUp, Guarded), String> {
     };
 
     // 1. The ceiling: pg_recvlogical over an identical slot, output discarded.
-    eprintln!("[bench] catch-up: pg_recvlogical ceiling");
+    say!("catch-up: pg_recvlogical ceiling");
     let endpos = format!("{:X}/{:X}", end_lsn >> 32, end_lsn & 0xffff_ffff);
     let (o, e) = ctx.log_file("pg_recvlogical.log")?;
     let mut cmd = Command::new(ctx.pg.bindir.join("pg_recvlogical"));
@@ -191,7 +192,7 @@ pub async fn run(ctx: &Ctx) -> Result<(CatchUp, Guarded), String> {
         .map_err(|e| format!("drop the ceiling slot: {e}"))?;
 
     // 2. Raw rdkafka: the same records, straight to the broker.
-    eprintln!("[bench] catch-up: raw rdkafka producer");
+    say!("catch-up: raw rdkafka producer");
     ctx.broker.create_topic(RAW_TOPIC).await?;
     let summary = ctx.scratch_path("raw-produce.json");
     let args = vec![
@@ -237,7 +238,7 @@ pub async fn run(ctx: &Ctx) -> Result<(CatchUp, Guarded), String> {
     ctx.broker.delete_topics(&[RAW_TOPIC.to_string()]).await;
 
     // 3. The relay, from process start to the slot confirmed past the backlog.
-    eprintln!("[bench] catch-up: outbox-relay");
+    say!("catch-up: outbox-relay");
     let topic = format!("outbox.event.{CATCHUP_TYPE}");
     ctx.broker.create_topic(&topic).await?;
     let a = ctx.snapshot(None);
@@ -245,6 +246,9 @@ pub async fn run(ctx: &Ctx) -> Result<(CatchUp, Guarded), String> {
     let started = Instant::now();
     let mut perf = match &s.perf_relay {
         Some(file) => {
+            // Attach once the relay streams: `perf -p` samples the threads that
+            // exist when it starts (librdkafka's and tokio's are up by then).
+            wait_log(ctx, &mut relay, "streaming", Duration::from_secs(30)).await;
             let mut cmd = Command::new("perf");
             cmd.args(["record", "-F", "1999", "--call-graph", "dwarf,32768", "-o"])
                 .arg(file)
@@ -304,10 +308,10 @@ pub async fn run(ctx: &Ctx) -> Result<(CatchUp, Guarded), String> {
         .await
         .is_none()
     {
-        eprintln!("[bench] warning: the relay log has no 'streaming' line");
+        say!("warning: the relay log has no 'streaming' line");
     }
 
-    eprintln!("[bench] catch-up: counting the relay's records in Kafka");
+    say!("catch-up: counting the relay's records in Kafka");
     let bootstrap = ctx.broker.bootstrap();
     let events = s.events;
     out.relay_records_verified = tokio::task::spawn_blocking(move || {

@@ -21,6 +21,13 @@
 //! panic (drop guards), Ctrl-C/SIGTERM (a handler stops all registered
 //! children), even SIGKILL of the benchmark (parent-death signal).
 
+/// Progress lines on stderr, with the seconds since the benchmark started.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::say_line(&format!($($arg)*))
+    };
+}
+
 mod broker;
 mod catchup;
 mod cluster;
@@ -148,7 +155,15 @@ struct BenchArgs {
     dump_stamps: Option<PathBuf>,
 }
 
+static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+pub fn say_line(line: &str) {
+    let t = STARTED.get_or_init(Instant::now).elapsed().as_secs_f64();
+    eprintln!("[bench {t:6.1}s] {line}");
+}
+
 fn main() -> ExitCode {
+    STARTED.get_or_init(Instant::now);
     let cli = Cli::parse();
     let result = match cli.sub {
         Some(Sub::PollRelay(a)) => polling::main(a),
@@ -222,8 +237,8 @@ fn relay_binary(a: &BenchArgs, exe: &Path) -> Result<PathBuf, String> {
         .ok_or("cannot locate this program's directory")?;
     let release = dir.file_name().is_some_and(|n| n == "release");
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
-    eprintln!(
-        "[bench] building the relay: cargo build{} --bin outbox-relay",
+    say!(
+        "building the relay: cargo build{} --bin outbox-relay",
         if release { " --release" } else { "" }
     );
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
@@ -232,7 +247,7 @@ fn relay_binary(a: &BenchArgs, exe: &Path) -> Result<PathBuf, String> {
     if release {
         cmd.arg("--release");
     } else {
-        eprintln!("[bench] warning: this is a debug build; run with --release for real figures");
+        say!("warning: this is a debug build; run with --release for real figures");
     }
     let status = cmd
         .status()
@@ -262,7 +277,7 @@ fn install_interrupt_handler(runtime: &tokio::runtime::Runtime) {
             _ = int.recv() => {}
             _ = term.recv() => {}
         }
-        eprintln!("\n[bench] interrupted: stopping every process the benchmark started");
+        say!("interrupted: stopping every process the benchmark started");
         tokio::task::spawn_blocking(process::stop_all_registered)
             .await
             .ok();
@@ -290,10 +305,7 @@ fn bench(a: BenchArgs) -> Result<(), String> {
 
     let relay_bin = relay_binary(&a, &exe)?;
     let tansu = broker::find_tansu(a.tansu.as_deref())?;
-    eprintln!(
-        "[bench] starting PostgreSQL ({}) and tansu",
-        a.pg_bindir.display()
-    );
+    say!("starting PostgreSQL ({}) and tansu", a.pg_bindir.display());
     let pg = cluster::PgCluster::start(&a.pg_bindir, &a.work_dir, a.keep_temp)?;
     let broker = broker::Broker::start(&tansu, &a.work_dir, a.keep_temp)?;
     let scratch = TempDir::new(&a.work_dir, "outbox-bench-run-", a.keep_temp)
@@ -368,7 +380,7 @@ fn bench(a: BenchArgs) -> Result<(), String> {
         plot::draw(&results.steady, &out_dir.join("latency.png"))?;
     }
     if let Err(e) = &outcome {
-        eprintln!("[bench] failed: {e}");
+        say!("failed: {e}");
         for (what, path) in [
             ("PostgreSQL", ctx.pg.log_path()),
             ("tansu", ctx.broker.log_path()),
@@ -381,8 +393,8 @@ fn bench(a: BenchArgs) -> Result<(), String> {
     }
     drop(ctx);
     outcome?;
-    eprintln!(
-        "[bench] done in {:.0} s: {}/report.md, results.json, latency.png",
+    say!(
+        "done in {:.0} s: {}/report.md, results.json, latency.png",
         results.meta.total_elapsed_s,
         out_dir.display()
     );

@@ -137,8 +137,8 @@ impl Guarded {
         if let Some(s) = self.wait_sampling(timeout) {
             return Some(s);
         }
-        eprintln!(
-            "[bench] {} (pid {}) did not stop within {timeout:?}; killing it",
+        say!(
+            "{} (pid {}) did not stop within {timeout:?}; killing it",
             self.name,
             self.pid()
         );
@@ -199,7 +199,7 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         if self.keep {
-            eprintln!("[bench] kept {}", self.path.display());
+            say!("kept {}", self.path.display());
             return;
         }
         let _ = fs::remove_dir_all(&self.path);

@@ -74,8 +74,8 @@ pub async fn window(
         }
         Subject::BrokerFloor => ("", String::new(), format!("bench.floor.{shape}"), s.window),
     };
-    eprintln!(
-        "[bench] steady: {label}, {rows_per_txn} row(s)/txn, {rate} events/s, {} s",
+    say!(
+        "steady: {label}, {rows_per_txn} row(s)/txn, {rate} events/s, {} s",
         measure.as_secs_f64()
     );
     ctx.broker.create_topic(&topic).await?;
@@ -239,11 +239,16 @@ pub async fn window(
         max_unsent_wal_bytes,
     };
     if !hwm_reset {
-        eprintln!("[bench] warning: could not reset the peak RSS of pid {subject_pid}; it is the process lifetime's");
+        say!("warning: could not reset the peak RSS of pid {subject_pid}; it is the process lifetime's");
     }
-    eprintln!(
-        "[bench]   achieved {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms, missing {}",
-        w.achieved_rate, w.latency.p50_ms, w.latency.p99_ms, w.latency.p999_ms, w.latency.max_ms, w.missing
+    say!(
+        "  achieved {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms, missing {}",
+        w.achieved_rate,
+        w.latency.p50_ms,
+        w.latency.p99_ms,
+        w.latency.p999_ms,
+        w.latency.max_ms,
+        w.missing
     );
     Ok(w)
 }
@@ -309,7 +314,7 @@ async fn sample_walsender(
             {
                 Ok(rows) => rows,
                 Err(e) => {
-                    eprintln!("[bench] warning: sampling pg_stat_replication: {e}");
+                    say!("warning: sampling pg_stat_replication: {e}");
                     break;
                 }
             };
