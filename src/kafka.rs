@@ -60,7 +60,13 @@ pub enum KafkaSinkError {
     #[error("cannot create the Kafka producer: {0}; check kafka brokers and properties")]
     Create(KafkaError),
     #[error("cannot create topic {topic:?}: {reason}")]
-    CreateTopic { topic: String, reason: String },
+    CreateTopic {
+        topic: String,
+        reason: String,
+        /// Broker unreachable, timed out...: worth retrying. Otherwise the
+        /// broker refused (invalid name, policy, authorization, replication).
+        transient: bool,
+    },
     #[error("topic {topic:?} does not exist and topic creation is off; create it, or enable kafka.create_topics")]
     TopicMissing { topic: String },
     #[error("cannot read Kafka metadata for topic {topic:?}: {source}; is the broker reachable?")]
@@ -79,7 +85,13 @@ impl KafkaSinkError {
             KafkaSinkError::Metadata { .. }
                 | KafkaSinkError::QueueFull
                 | KafkaSinkError::Produce(_)
-        ) || matches!(self, KafkaSinkError::CreateTopic { reason, .. } if reason.contains("timed out"))
+        ) || matches!(
+            self,
+            KafkaSinkError::CreateTopic {
+                transient: true,
+                ..
+            }
+        )
     }
 }
 
@@ -246,16 +258,32 @@ impl KafkaSink {
                 KafkaSinkError::CreateTopic {
                     topic: topic.to_string(),
                     reason: e.to_string(),
+                    transient: true,
                 }
             })?;
             for r in results {
                 match r {
                     Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                     Err((_, code)) => {
+                        use RDKafkaErrorCode::*;
+                        let refused = matches!(
+                            code,
+                            InvalidTopic
+                                | PolicyViolation
+                                | TopicAuthorizationFailed
+                                | ClusterAuthorizationFailed
+                                | InvalidReplicationFactor
+                                | InvalidPartitions
+                                | InvalidReplicaAssignment
+                                | InvalidConfig
+                                | InvalidRequest
+                                | UnsupportedVersion
+                        );
                         return Err(KafkaSinkError::CreateTopic {
                             topic: topic.to_string(),
                             reason: format!("{code:?} ({code})"),
-                        })
+                            transient: !refused,
+                        });
                     }
                 }
             }

@@ -141,10 +141,8 @@ fn panel_chart<DB: DrawingBackend>(
             .collect();
         pts.sort_by_key(|w| w.target_rate);
         for (name, pick, width) in percentiles {
-            if (subject != "relay" && name == "p99.9")
-                || (subject == "broker-floor" && name == "p99")
-            {
-                continue; // keep the plot readable: polling p99.9 ≈ its p99
+            if subject != "relay" && name == "p99.9" {
+                continue; // keep the plot readable: the others' p99.9 ≈ their p99
             }
             let series: Vec<(f64, f64)> = pts
                 .iter()

@@ -223,7 +223,9 @@ pub fn markdown(r: &Results) -> String {
         let _ = writeln!(s, "## 4. Resources per steady window\n");
         let _ = writeln!(
             s,
-            "CPU over the measurement window, as % of one core and µs per event; peak RSS of the \
+            "CPU over the measurement window, as % of one core and µs per event (relay/poller and \
+             broker: per record that reached the consumer during the window; PostgreSQL and bench: \
+             per row committed during the window); peak RSS of the \
              relay (VmHWM, reset at each window's start) or of that window's polling process. \
              PostgreSQL = postmaster and all backends (writers' inserts, walsender decoding or \
              polling queries, autovacuum). \"bench\" = this program's writers' client side and \

@@ -204,8 +204,16 @@ pub async fn window(
     ctx.broker.delete_topics(&[topic]).await;
 
     let d = between(&snap_a, &snap_b);
-    let events = outcome.rows_in_window;
-    let (process, postgres, broker, bench) = d.usages(events, peak_kb);
+    // Per-event CPU of whoever moves records (relay, poller, producer) and of
+    // the broker counts the records that reached the consumer during the
+    // window (what they did, even when they lag); PostgreSQL's and the
+    // benchmark's count the rows committed (what the writers did).
+    let moved = stamps
+        .iter()
+        .filter(|st| st.recv_us >= outcome.window_start_us && st.recv_us < outcome.window_end_us)
+        .count() as u64;
+    let (process, _, broker, _) = d.usages(moved, peak_kb);
+    let (_, postgres, _, bench) = d.usages(outcome.rows_in_window, None);
     if let Some(dir) = &s.dump_stamps {
         let mut csv = String::from("commit_us,recv_us\n");
         for st in &stamps {
