@@ -51,6 +51,8 @@ const WINDOW_HEADROOM_KB: u64 = 32 * 1024;
 const EVENTS: i64 = 1_000_000;
 /// Payload padding per event (bytes), so a million events are ~300 MB of payloads.
 const PAD: i32 = 200;
+/// How long the broker hangs in the runs that fill the relay's window.
+const HANG: Duration = Duration::from_secs(20);
 /// How long draining a million events may take before the test gives up.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(1800);
 
@@ -174,6 +176,39 @@ fn distinct_events(broker: &Broker, topic: &str, events: i64) -> usize {
     seen.len()
 }
 
+/// Once the relay has delivered something (its session prepared the topic), hangs
+/// the broker for [`HANG`] so the relay fills its in-flight window, and prints the
+/// largest RSS seen meanwhile.
+async fn hang_broker_once_delivering(
+    setup: &mut Setup,
+    relay: &RelayProcess,
+    client: &tokio_postgres::Client,
+) {
+    let start = setup.confirmed(client).await;
+    while setup.confirmed(client).await <= start {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    setup.broker.pause();
+    let mut during_hang = 0;
+    let mut curve = Vec::new();
+    let began = Instant::now();
+    while began.elapsed() < HANG {
+        let rss = proc_status_kb(relay.pid(), "VmRSS:").unwrap_or(0);
+        during_hang = during_hang.max(rss);
+        if curve.len() < (began.elapsed().as_secs() / 4) as usize + 1 {
+            curve.push(format!("{:.0} MB", rss as f64 / 1024.0));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A plateau means the window bounds it; a slope would be a leak.
+    eprintln!(
+        "[memory] RSS while the broker hung for {HANG:?}: every 4 s {}; max {:.1} MB",
+        curve.join(", "),
+        during_hang as f64 / 1024.0
+    );
+    setup.broker.resume();
+}
+
 /// What one run measured.
 struct Measured {
     events: i64,
@@ -275,7 +310,7 @@ async fn one_million_row_transaction_streams_in_bounded_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "several minutes: cargo test --release --test memory -- --ignored --nocapture --test-threads 1"]
 async fn one_million_event_backlog_streams_in_bounded_memory() {
-    let setup = Setup::new().await;
+    let mut setup = Setup::new().await;
     // Create the slot, then stop the relay: the backlog accumulates behind it.
     let mut relay = setup.relay();
     relay
@@ -295,10 +330,13 @@ async fn one_million_event_backlog_streams_in_bounded_memory() {
         EVENTS / 100,
         began.elapsed()
     );
+    // A fresh relay on the backlog; the broker hangs for a while once it runs, so
+    // the relay's window fills up (the broker would otherwise keep it nearly empty).
     let mut relay = setup.relay();
+    hang_broker_once_delivering(&mut setup, &relay, &client).await;
     let m = drain(&setup, &mut relay, target, EVENTS).await;
     report(
-        "backlog of 1M rows in 10k transactions",
+        "backlog of 1M rows in 10k transactions, broker hung 20 s",
         &m,
         PEAK_RSS_LIMIT_KB,
     );
@@ -326,30 +364,14 @@ async fn large_payload_backlog_stays_within_the_byte_window() {
     insert(&client, LARGE_EVENTS, 100, LARGE_PAD).await;
     let target = lsn_to_u64(&current_wal_lsn(&client).await);
     let mut relay = setup.relay();
-    let pid = relay.pid();
-    // Let the session prepare its topic and deliver a little, then hang the broker.
-    let start = setup.confirmed(&client).await;
-    while setup.confirmed(&client).await <= start {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    setup.broker.pause();
-    let mut during_hang = 0;
-    for _ in 0..200 {
-        during_hang = during_hang.max(proc_status_kb(pid, "VmRSS:").unwrap_or(0));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    eprintln!(
-        "[memory] RSS while the broker hung for 20 s: max {:.1} MB",
-        during_hang as f64 / 1024.0
-    );
-    setup.broker.resume();
+    hang_broker_once_delivering(&mut setup, &relay, &client).await;
     let m = drain(&setup, &mut relay, target, LARGE_EVENTS).await;
     // Bounded by the window, not by the backlog: with the default 64 MiB byte
     // window the relay holds up to 64 MiB of records, so the bound here is the
     // window plus the base footprint, which is more than 64 MB (measured: ~85 MB).
     let limit_kb = (DEFAULT_MAX_IN_FLIGHT_BYTES as u64 >> 10) + WINDOW_HEADROOM_KB;
     report(
-        "backlog of 100k rows of 8 KB, broker hung 20 s first",
+        "backlog of 100k rows of 8 KB, broker hung 20 s",
         &m,
         limit_kb,
     );

@@ -301,7 +301,9 @@ fn bench(a: BenchArgs) -> Result<(), String> {
         .map_err(|e| format!("start the async runtime: {e}"))?;
     install_interrupt_handler(&runtime);
 
+    let build_began = Instant::now();
     let relay_bin = relay_binary(&a, &exe)?;
+    let relay_build_s = build_began.elapsed().as_secs_f64();
     let tansu = broker::find_tansu(a.tansu.as_deref())?;
     say!("starting PostgreSQL ({}) and tansu", a.pg_bindir.display());
     let pg = cluster::PgCluster::start(&a.pg_bindir, &a.work_dir, a.keep_temp)?;
@@ -334,6 +336,7 @@ fn bench(a: BenchArgs) -> Result<(), String> {
                 .collect(),
             broker: ctx.broker.version.clone(),
             relay_binary: ctx.relay_bin.display().to_string(),
+            relay_build_s,
             relay_args: ctx
                 .relay_args()
                 .into_iter()

@@ -96,10 +96,11 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(s, "# outbox-relay benchmark\n");
     let _ = writeln!(
         s,
-        "Run {} ({}), {:.0} s in all. `{}`\n",
+        "Run {} ({}), {:.0} s in all, of which {:.0} s building the relay. `{}`\n",
         m.started_at,
         if m.quick { "quick" } else { "default" },
         m.total_elapsed_s,
+        m.relay_build_s,
         m.command_line
     );
     let _ = writeln!(

@@ -27,6 +27,8 @@ pub struct Meta {
     pub postgres_settings: Vec<(String, String)>,
     pub broker: String,
     pub relay_binary: String,
+    /// Seconds spent building the relay before the run (0 with --relay-bin).
+    pub relay_build_s: f64,
     pub relay_args: Vec<String>,
     pub events: u64,
     pub payload_bytes: usize,
