@@ -489,7 +489,7 @@ pub struct RelayArgs {
     #[arg(long, value_name = "N", env = "OUTBOX_RELAY_MAX_IN_FLIGHT_RECORDS")]
     pub max_in_flight_records: Option<usize>,
 
-    /// Bytes sent but not yet acknowledged, at most [default: 64MiB]
+    /// Bytes sent but not yet acknowledged, at most [default: 16MiB]
     #[arg(long, value_name = "BYTES", env = "OUTBOX_RELAY_MAX_IN_FLIGHT_BYTES", value_parser = parse_byte_size)]
     pub max_in_flight_bytes: Option<usize>,
 

@@ -65,7 +65,7 @@ fn defaults_fill_everything_left_unset() {
     assert_eq!(c.postgres.status_interval, Duration::from_secs(1));
     assert_eq!(c.mapping.type_column.as_deref(), Some("type"));
     assert_eq!(c.mapping.topic_template, "outbox.event.${routedByValue}");
-    assert_eq!(c.relay.max_in_flight_bytes, 64 << 20);
+    assert_eq!(c.relay.max_in_flight_bytes, 16 << 20);
     assert_eq!(c.log.format, LogFormat::Text);
 }
 

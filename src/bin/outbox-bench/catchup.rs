@@ -124,8 +124,8 @@ async fn insert_backlog(ctx: &Ctx) -> Result<f64, String> {
 
 /// Runs the scenario; returns its figures and the relay, still running (the
 /// steady scenario goes on with it).
-pub async fn run(ctx: &Ctx) -> Result<(CatchUp, Guarded), String> {
-    let s = &ctx.settings;
+pub async fn run(ctx: &mut Ctx) -> Result<(CatchUp, Guarded), String> {
+    let s = ctx.settings.clone();
     let client = sql(ctx).await?;
     ensure_slot(&client, CEILING_SLOT).await?;
     let lsn_before = current_lsn(&client).await?;
@@ -191,8 +191,9 @@ pub async fn run(ctx: &Ctx) -> Result<(CatchUp, Guarded), String> {
         .await
         .map_err(|e| format!("drop the ceiling slot: {e}"))?;
 
-    // 2. Raw rdkafka: the same records, straight to the broker.
+    // 2. Raw rdkafka: the same records, straight to a fresh broker.
     say!("catch-up: raw rdkafka producer");
+    ctx.fresh_broker().await?;
     ctx.broker.create_topic(RAW_TOPIC).await?;
     let summary = ctx.scratch_path("raw-produce.json");
     let args = vec![
@@ -237,8 +238,10 @@ pub async fn run(ctx: &Ctx) -> Result<(CatchUp, Guarded), String> {
     }
     ctx.broker.delete_topics(&[RAW_TOPIC.to_string()]).await;
 
-    // 3. The relay, from process start to the slot confirmed past the backlog.
+    // 3. The relay, from process start to the slot confirmed past the backlog
+    //    (on a fresh broker too: tansu slows down as it fills).
     say!("catch-up: outbox-relay");
+    ctx.fresh_broker().await?;
     let topic = format!("outbox.event.{CATCHUP_TYPE}");
     ctx.broker.create_topic(&topic).await?;
     let a = ctx.snapshot(None);

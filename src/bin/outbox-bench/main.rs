@@ -96,7 +96,7 @@ struct BenchArgs {
     /// Steady measurement window [default: 10s; quick: 3s]
     #[arg(long, value_parser = humantime::parse_duration)]
     window: Option<Duration>,
-    /// Window for pollers with an interval of 1 s or more [default: 20s; quick: 6s]
+    /// Window for pollers with an interval of 1 s or more [default: 15s; quick: 6s]
     #[arg(long, value_parser = humantime::parse_duration)]
     slow_poll_window: Option<Duration>,
     /// Writer connections for 1-row transactions
@@ -194,7 +194,7 @@ fn settings(a: &BenchArgs) -> Settings {
             .unwrap_or(Duration::from_secs(if q { 3 } else { 10 })),
         slow_poll_window: a
             .slow_poll_window
-            .unwrap_or(Duration::from_secs(if q { 6 } else { 20 })),
+            .unwrap_or(Duration::from_secs(if q { 6 } else { 15 })),
         writers: a.writers.max(1),
         txn_writers: a.txn_writers.max(1),
         txn_rows: a.txn_rows.max(2),
@@ -310,13 +310,17 @@ fn bench(a: BenchArgs) -> Result<(), String> {
     let broker = broker::Broker::start(&tansu, &a.work_dir, a.keep_temp)?;
     let scratch = TempDir::new(&a.work_dir, "outbox-bench-run-", a.keep_temp)
         .map_err(|e| format!("create a temp dir: {e}"))?;
-    let ctx = Ctx {
+    let mut ctx = Ctx {
         pg,
         broker,
         relay_bin,
         self_exe: exe.clone(),
         scratch,
         settings: s.clone(),
+        tansu,
+        work_dir: a.work_dir.clone(),
+        keep_temp: a.keep_temp,
+        relays_started: Default::default(),
     };
 
     let mut results = Results {
@@ -364,7 +368,7 @@ fn bench(a: BenchArgs) -> Result<(), String> {
         ..Results::default()
     };
 
-    let outcome = runtime.block_on(run_scenarios(&ctx, &s, &want, &mut results));
+    let outcome = runtime.block_on(run_scenarios(&mut ctx, &s, &want, &mut results));
     results.meta.total_elapsed_s = began.elapsed().as_secs_f64();
     add_notes(&mut results);
     results.targets = report::targets(&results);
@@ -404,47 +408,35 @@ fn bench(a: BenchArgs) -> Result<(), String> {
 }
 
 async fn run_scenarios(
-    ctx: &Ctx,
+    ctx: &mut Ctx,
     s: &Settings,
     want: &dyn Fn(&str) -> bool,
     results: &mut Results,
 ) -> Result<(), String> {
     ctx.broker.warm_up().await?;
     catchup::prepare(ctx).await?;
-    let mut relay = None;
     if want("catchup") {
-        let (c, r) = catchup::run(ctx).await?;
+        let (c, mut relay) = catchup::run(ctx).await?;
         results.catch_up = Some(c);
-        relay = Some(r);
+        relay.stop(Duration::from_secs(30));
     }
+    // Every window starts on a fresh broker and a fresh process under test, so
+    // neither earlier data in tansu nor an earlier window's memory counts.
     if want("steady") {
-        if relay.is_none() {
-            let mut r = ctx.spawn_relay()?;
-            if scenarios::wait_log(ctx, &mut r, "streaming", Duration::from_secs(60))
-                .await
-                .is_none()
-            {
-                return Err(format!(
-                    "the relay did not start streaming:\n{}",
-                    catchup::tail_str(&ctx.relay_log(), 30)
-                ));
-            }
-            relay = Some(r);
-        }
-        let r = relay.as_mut().expect("just ensured");
         for rows in [1, s.txn_rows] {
             for &rate in &s.rates {
-                let w = steady::window(ctx, &mut Subject::Relay(r), rows, rate).await?;
+                ctx.fresh_broker().await?;
+                let mut relay = ctx.start_relay().await?;
+                let w = steady::window(ctx, &mut Subject::Relay(&mut relay), rows, rate).await?;
+                // SIGTERM drains and confirms: the next relay starts after this one.
+                relay.stop(Duration::from_secs(30));
                 results.steady.push(w);
             }
         }
     }
-    // The relay's walsender would decode the polling table's WAL too: stop it.
-    if let Some(mut r) = relay.take() {
-        r.stop(Duration::from_secs(30));
-    }
     if want("floor") {
         for &rate in &s.rates {
+            ctx.fresh_broker().await?;
             let w = steady::window(ctx, &mut Subject::BrokerFloor, 1, rate).await?;
             results.steady.push(w);
         }
@@ -453,6 +445,7 @@ async fn run_scenarios(
         for &interval in &s.poll_intervals {
             for &rows in &s.poll_modes {
                 for &rate in &s.rates {
+                    ctx.fresh_broker().await?;
                     let w =
                         steady::window(ctx, &mut Subject::Polling { interval }, rows, rate).await?;
                     results.steady.push(w);
@@ -498,9 +491,9 @@ fn add_notes(r: &mut Results) {
             .into(),
     );
     notes.push(
-        "Relay peak RSS in the steady windows: VmHWM is reset to the current RSS at each \
-         window's start, and the relay still holds what catch-up made it allocate before, so \
-         these figures include catch-up's residue."
+        "Every steady window runs on a fresh tansu (tansu's CPU per record grows as its memory \
+         storage fills) and a fresh relay, polling or producer process: its peak RSS is that \
+         process's lifetime peak (start, warm-up, window, drain)."
             .into(),
     );
     r.notes.extend(notes);

@@ -55,6 +55,8 @@ pub fn draw(windows: &[Window], path: &Path) -> Result<(), String> {
     let mut enc = png::Encoder::new(std::io::BufWriter::new(file), W, H);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
+    enc.set_compression(png::Compression::Best);
+    enc.set_adaptive_filter(png::AdaptiveFilterType::Adaptive);
     enc.write_header()
         .and_then(|mut w| w.write_image_data(&buf))
         .map_err(|e| format!("write {}: {e}", path.display()))

@@ -226,8 +226,9 @@ pub fn markdown(r: &Results) -> String {
             s,
             "CPU over the measurement window, as % of one core and µs per event (relay/poller and \
              broker: per record that reached the consumer during the window; PostgreSQL and bench: \
-             per row committed during the window); peak RSS of the \
-             relay (VmHWM, reset at each window's start) or of that window's polling process. \
+             per row committed during the window); peak RSS (VmHWM) \
+             of that window's relay, polling or producer process (each window starts a fresh one, \
+             and a fresh broker). \
              PostgreSQL = postmaster and all backends (writers' inserts, walsender decoding or \
              polling queries, autovacuum). \"bench\" = this program's writers' client side and \
              consumer. \"other\" = CPU of processes outside the benchmark meanwhile.\n"

@@ -83,12 +83,6 @@ pub fn alive(pid: u32) -> bool {
     matches!(stat_fields(pid), Some((s, ..)) if s != 'Z' && s != 'X')
 }
 
-/// Resets the peak RSS (VmHWM) of `pid` to its current RSS (Linux ≥ 4.0,
-/// `clear_refs` value 5). Returns whether it worked.
-pub fn reset_peak_rss(pid: u32) -> bool {
-    fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
-}
-
 /// CPU seconds of a process tree rooted at `root`: the root, its live direct
 /// children, and the children it has reaped (cutime/cstime), which covers
 /// PostgreSQL backends and walsenders that came and went.

@@ -52,6 +52,11 @@ pub struct Ctx {
     /// Logs of the processes under test, summaries of the subcommands.
     pub scratch: TempDir,
     pub settings: Settings,
+    pub tansu: PathBuf,
+    pub work_dir: PathBuf,
+    pub keep_temp: bool,
+    /// Relay processes started so far (each logs to its own file).
+    pub relays_started: std::cell::Cell<usize>,
 }
 
 /// Everything sampled at one instant.
@@ -114,7 +119,8 @@ impl Ctx {
 
     /// Starts the relay binary under test (log in the scratch dir).
     pub fn spawn_relay(&self) -> Result<Guarded, String> {
-        let (out, err) = self.log_file("relay.log")?;
+        self.relays_started.set(self.relays_started.get() + 1);
+        let (out, err) = self.log_file(&self.relay_log_name())?;
         let http = free_port().map_err(|e| e.to_string())?;
         let mut cmd = Command::new(&self.relay_bin);
         cmd.args(self.relay_args())
@@ -128,9 +134,14 @@ impl Ctx {
             .map_err(|e| format!("spawn {}: {e}", self.relay_bin.display()))
     }
 
+    fn relay_log_name(&self) -> String {
+        format!("relay-{}.log", self.relays_started.get())
+    }
+
+    /// The log of the relay started last.
     pub fn relay_log(&self) -> String {
         String::from_utf8_lossy(
-            &std::fs::read(self.scratch.path().join("relay.log")).unwrap_or_default(),
+            &std::fs::read(self.scratch.path().join(self.relay_log_name())).unwrap_or_default(),
         )
         .into_owned()
     }
@@ -146,6 +157,30 @@ impl Ctx {
             .stderr(err);
         process::spawn(name, &mut cmd, libc::SIGTERM)
             .map_err(|e| format!("spawn {} {name}: {e}", self.self_exe.display()))
+    }
+
+    /// Replaces the broker with a fresh one (new process, empty memory
+    /// storage) and warms it up. tansu slows down as its memory storage fills
+    /// (its CPU per record grows), so every measurement starts on an empty one.
+    pub async fn fresh_broker(&mut self) -> Result<(), String> {
+        let new = Broker::start(&self.tansu, &self.work_dir, self.keep_temp)?;
+        drop(std::mem::replace(&mut self.broker, new));
+        self.broker.warm_up().await
+    }
+
+    /// Starts the relay and waits for it to stream.
+    pub async fn start_relay(&self) -> Result<Guarded, String> {
+        let mut relay = self.spawn_relay()?;
+        if wait_log(self, &mut relay, "streaming", Duration::from_secs(60))
+            .await
+            .is_none()
+        {
+            return Err(format!(
+                "the relay did not start streaming:\n{}",
+                crate::catchup::tail_str(&self.relay_log(), 30)
+            ));
+        }
+        Ok(relay)
     }
 
     pub fn scratch_path(&self, name: &str) -> PathBuf {

@@ -134,7 +134,6 @@ pub async fn window(
         (_, Some(p)) => p.pid(),
         _ => unreachable!("polling and floor windows have their process"),
     };
-    let hwm_reset = resources::reset_peak_rss(subject_pid);
 
     let plan = WriterPlan {
         table: table.to_string(),
@@ -246,9 +245,6 @@ pub async fn window(
         walsender,
         max_unsent_wal_bytes,
     };
-    if !hwm_reset {
-        say!("warning: could not reset the peak RSS of pid {subject_pid}; it is the process lifetime's");
-    }
     say!(
         "  achieved {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms, missing {}",
         w.achieved_rate,
