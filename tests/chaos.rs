@@ -60,7 +60,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom as _;
 use rand::{Rng, SeedableRng};
 
-use harness::proxy::Proxy;
+use harness::proxy::{Proxy, ProxyMode};
 use harness::{
     lsn_to_u64, unique_name, Broker, BrokerStorage, PgCluster, PgVersion, RelayProcess,
     ShutdownMode,
@@ -510,7 +510,9 @@ impl World {
     /// broker bug, not the relay's; restart the broker (its data is on disk) and
     /// count it, so the run goes on.
     fn repair_broker_if_dead(&mut self) {
-        if self.broker.is_paused() {
+        // Not while the broker hangs (it produces nothing then) nor while its proxy
+        // cuts or stalls (the restart's metadata check may go through it).
+        if self.broker.is_paused() || self.kafka_proxy.mode() != ProxyMode::Forward {
             return;
         }
         let Ok(mut log) = std::fs::File::open(self.broker.log_path()) else {
@@ -619,9 +621,21 @@ impl World {
                 } else {
                     ShutdownMode::Immediate
                 };
+                let before = self.monitor.confirmed().await;
                 let began = Instant::now();
                 tokio::task::block_in_place(|| self.pg.restart(mode));
-                format!("down {:.1?}", began.elapsed())
+                let down = began.elapsed();
+                // The slot's position survives a crash only as of the last
+                // checkpoint: what lies between is delivered again.
+                let after = self.monitor.confirmed().await;
+                if after < before {
+                    format!(
+                        "down {down:.1?}; slot went back {} kB",
+                        (before - after) >> 10
+                    )
+                } else {
+                    format!("down {down:.1?}")
+                }
             }
             FaultKind::CutPg | FaultKind::CutKafka => {
                 let proxy = if fault.kind == FaultKind::CutPg {
@@ -823,9 +837,8 @@ async fn run(plan: Plan) {
     let pg_ready = setup_began.elapsed();
     let pg_proxy = Proxy::start("postgres", SocketAddr::from(([127, 0, 0, 1], pg.port())));
     let kafka_proxy = Proxy::start_without_upstream("kafka");
-    let mut broker = Broker::start_advertising(BrokerStorage::Sqlite, kafka_proxy.addr());
+    let mut broker = Broker::start_behind_proxy(BrokerStorage::Sqlite, &kafka_proxy);
     tokio::task::block_in_place(|| broker.add_sqlite_header_index());
-    kafka_proxy.set_upstream(SocketAddr::from(([127, 0, 0, 1], broker.port())));
     broker.warm_up().await;
     let broker_ready = setup_began.elapsed();
 
@@ -1030,7 +1043,7 @@ async fn run(plan: Plan) {
     // The relay's own account: sessions that failed, producer rebuilds, panics.
     world.relay.sigterm();
     let exit = world.relay.wait_exit(Duration::from_secs(40)).await;
-    let logs = world.all_relay_logs();
+    let logs = strip_ansi(&world.all_relay_logs());
     let count = |needle: &str| logs.lines().filter(|l| l.contains(needle)).count();
     let relay_stats = RelayStats {
         sessions_failed: count("replication session failed"),
@@ -1038,6 +1051,7 @@ async fn run(plan: Plan) {
         errors: count(" ERROR "),
         panics: count("panicked at"),
         error_kinds: error_kinds(&logs),
+        error_lines: error_lines(&logs),
     };
 
     let report = Report {
@@ -1104,7 +1118,28 @@ fn report_path() -> std::path::PathBuf {
     target.join("chaos-report.md")
 }
 
-/// The `error = ...` of "replication session failed" lines, by their first words.
+/// The log without ANSI colour codes (the relay colours its log even into a file).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters... final byte in '@'..='~'.
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The `error=...` of "replication session failed" lines, by their first words.
 fn error_kinds(logs: &str) -> BTreeMap<String, usize> {
     let mut kinds = BTreeMap::new();
     for line in logs
@@ -1114,16 +1149,27 @@ fn error_kinds(logs: &str) -> BTreeMap<String, usize> {
         let Some(start) = line.find("error=") else {
             continue;
         };
-        let rest = &line[start + "error=".len()..];
-        let rest = rest.trim_start_matches('"');
+        let rest = line[start + "error=".len()..].trim_start_matches('"');
+        let rest = rest.split(" retry_in=").next().unwrap_or(rest);
         let kind: String = rest
             .split_whitespace()
-            .take(5)
+            .take(6)
             .collect::<Vec<_>>()
             .join(" ");
         *kinds.entry(kind).or_insert(0) += 1;
     }
     kinds
+}
+
+/// ERROR lines of the relay, by message (timestamp and level cut off).
+fn error_lines(logs: &str) -> BTreeMap<String, usize> {
+    let mut lines = BTreeMap::new();
+    for line in logs.lines().filter(|l| l.contains(" ERROR ")) {
+        let message = line.split_once(" ERROR ").map_or(line, |(_, m)| m).trim();
+        let message: String = message.chars().take(160).collect();
+        *lines.entry(message).or_insert(0) += 1;
+    }
+    lines
 }
 
 struct RelayStats {
@@ -1132,6 +1178,7 @@ struct RelayStats {
     errors: usize,
     panics: usize,
     error_kinds: BTreeMap<String, usize>,
+    error_lines: BTreeMap<String, usize>,
 }
 
 struct Report<'a> {
@@ -1330,6 +1377,19 @@ impl Report<'_> {
                 writeln!(out, "- {n} × {k}").unwrap();
             }
         }
+        if !self.relay.error_lines.is_empty() {
+            writeln!(out, "\nRelay ERROR lines:\n").unwrap();
+            for (k, n) in &self.relay.error_lines {
+                writeln!(out, "- {n} × {k}").unwrap();
+            }
+        }
+        writeln!(
+            out,
+            "\nDuplicates come from replays: a relay killed or reconnected resumes from \
+             the slot's confirmed position; after `-m immediate` the slot itself goes back \
+             to the position saved at the last checkpoint."
+        )
+        .unwrap();
         writeln!(out, "\n## Events\n").unwrap();
         writeln!(out, "| at | fault | length | resumed | caught up | note |").unwrap();
         writeln!(out, "|---:|---|---:|---:|---:|---|").unwrap();

@@ -1421,15 +1421,18 @@ pub mod outbox;
 pub mod proxy;
 
 impl Broker {
-    /// A broker that advertises `advertised` (a [`proxy::Proxy`] in front of it) in
-    /// its metadata instead of its own listener, so a client that bootstraps through
-    /// the proxy keeps all its connections on it. [`bootstrap`](Self::bootstrap)
+    /// A broker behind `proxy`: it advertises the proxy's address in its metadata
+    /// instead of its own listener, so a client that bootstraps through the proxy
+    /// keeps all its connections on it, and the proxy forwards to it (its upstream
+    /// is set here, before the broker is first asked for metadata: librdkafka may
+    /// go to the advertised address for that already). [`bootstrap`](Self::bootstrap)
     /// still names the broker itself; [`restart`](Self::restart) keeps the setting.
     ///
     /// tansu takes `--advertised-listener-url` once, so the broker runs through a
     /// small `sh` wrapper in its temp dir that swaps that flag's value and `exec`s
     /// tansu (same pid: `pause`, `kill9` and `restart` work as usual).
-    pub fn start_advertising(storage: BrokerStorage, advertised: SocketAddr) -> Broker {
+    pub fn start_behind_proxy(storage: BrokerStorage, proxy: &proxy::Proxy) -> Broker {
+        let advertised = proxy.addr();
         let dir = test_temp_dir("outbox-relay-tansu-");
         let tansu = tansu_binary();
         let wrapper = dir.path().join("tansu-advertising");
@@ -1464,11 +1467,12 @@ impl Broker {
         loop {
             attempts += 1;
             broker.port = free_port();
+            proxy.set_upstream(SocketAddr::from(([127, 0, 0, 1], broker.port)));
             match broker.spawn_and_wait() {
                 Ok(()) => return broker,
                 Err(StartError::PortTaken) if attempts < 5 => continue,
                 Err(e) => panic!(
-                    "tansu ({storage:?}, advertising {advertised}) did not start: {e}\n--- log ---\n{}",
+                    "tansu ({storage:?}, behind the proxy {advertised}) did not start: {e}\n--- log ---\n{}",
                     tail(&broker.log(), 60)
                 ),
             }

@@ -16,8 +16,8 @@
 //! inside an async test is fine.
 //!
 //! For Kafka, clients bootstrap and then connect to the address the broker advertises:
-//! start the broker with [`Broker::start_advertising`](super::Broker::start_advertising)
-//! pointing at the proxy, so every connection of the relay goes through it.
+//! start the broker with [`Broker::start_behind_proxy`](super::Broker::start_behind_proxy),
+//! which makes it advertise the proxy, so every connection of the relay goes through it.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd as _, RawFd};
