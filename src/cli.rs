@@ -485,7 +485,7 @@ pub struct MappingArgs {
 #[derive(Debug, Default, Args)]
 #[command(next_help_heading = "Relay")]
 pub struct RelayArgs {
-    /// Records sent but not yet acknowledged, at most [default: 100000]
+    /// Records sent but not yet acknowledged, at most [default: 20000]
     #[arg(long, value_name = "N", env = "OUTBOX_RELAY_MAX_IN_FLIGHT_RECORDS")]
     pub max_in_flight_records: Option<usize>,
 

@@ -82,7 +82,7 @@ pub const DEFAULT_TOPIC_TEMPLATE: &str = "outbox.event.${routedByValue}";
 /// Add commit LSN, transaction id and commit time headers.
 pub const DEFAULT_PROVENANCE_HEADERS: bool = true;
 
-pub const DEFAULT_MAX_IN_FLIGHT_RECORDS: usize = 100_000;
+pub const DEFAULT_MAX_IN_FLIGHT_RECORDS: usize = 20_000;
 pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 16 << 20;
 /// How long SIGTERM waits for in-flight records before giving up (they replay).
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
