@@ -480,6 +480,17 @@ pub struct MappingArgs {
           num_args = 0..=1, require_equals = true, default_missing_value = "true",
           value_parser = BoolishValueParser::new())]
     pub no_provenance_headers: Option<bool>,
+
+    /// What the payload column holds: under json, a payload of a non-JSON column
+    /// type (text, bytea...) that is not valid JSON is poison (class
+    /// invalid_payload); json/jsonb columns are valid by construction [default: raw]
+    #[arg(
+        long,
+        value_name = "FORMAT",
+        env = "OUTBOX_RELAY_PAYLOAD_FORMAT",
+        value_enum
+    )]
+    pub payload_format: Option<config::PayloadFormat>,
 }
 
 #[derive(Debug, Default, Args)]
@@ -623,6 +634,7 @@ impl ConfigArgs {
                 topic: m.topic.clone(),
                 header_columns: (!m.header_columns.is_empty()).then(|| m.header_columns.clone()),
                 provenance_headers: m.no_provenance_headers.map(|no| !no),
+                payload_format: m.payload_format,
             },
             relay: RelayLayer {
                 max_in_flight_records: r.max_in_flight_records,

@@ -81,6 +81,8 @@ pub const TOPIC_TEMPLATE_PLACEHOLDER: &str = "${routedByValue}";
 pub const DEFAULT_TOPIC_TEMPLATE: &str = "outbox.event.${routedByValue}";
 /// Add commit LSN, transaction id and commit time headers.
 pub const DEFAULT_PROVENANCE_HEADERS: bool = true;
+/// Payloads pass byte for byte, unchecked (see [`PayloadFormat`]).
+pub const DEFAULT_PAYLOAD_FORMAT: PayloadFormat = PayloadFormat::Raw;
 
 pub const DEFAULT_MAX_IN_FLIGHT_RECORDS: usize = 20_000;
 pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 16 << 20;
@@ -129,6 +131,23 @@ pub const POISON_CLASSES: &[&str] = &[
     "missing_column",
     "bad_value",
 ];
+
+/// What the payload column must hold.
+///
+/// `json` and `jsonb` columns hold valid JSON by construction (PostgreSQL checks
+/// their text on input), so the format only matters for other column types (text,
+/// varchar, bytea, domains): under `json` each of their payloads is checked, and one
+/// that is not JSON is a poison row of class `invalid_payload`. Under `raw` nothing
+/// is checked, as with Debezium's EventRouter. A NULL payload is no payload (a
+/// record without a value) under both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadFormat {
+    /// Send the payload as it is, unchecked.
+    Raw,
+    /// The payload must be one JSON value (UTF-8, RFC 8259).
+    Json,
+}
 
 pub const DEFAULT_LOG_FORMAT: LogFormat = LogFormat::Text;
 /// A `tracing_subscriber::EnvFilter` directive.
@@ -193,6 +212,8 @@ pub struct MappingConfig {
     /// More columns sent as headers named like the column.
     pub header_columns: Vec<String>,
     pub provenance_headers: bool,
+    /// See [`PayloadFormat`].
+    pub payload_format: PayloadFormat,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -299,6 +320,7 @@ impl Default for MappingConfig {
             topic: None,
             header_columns: Vec::new(),
             provenance_headers: DEFAULT_PROVENANCE_HEADERS,
+            payload_format: DEFAULT_PAYLOAD_FORMAT,
         }
     }
 }

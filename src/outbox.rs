@@ -14,7 +14,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
-use crate::config::{MappingConfig, TableName};
+use crate::config::{MappingConfig, PayloadFormat, TableName};
 use crate::lsn::{pg_micros_to_system_time, Lsn};
 use crate::pgoutput::{Column, Insert, Relation, TupleData};
 
@@ -35,6 +35,9 @@ const TOPIC_CACHE_CAP: usize = 4096;
 
 /// `bytea`'s type oid: its text form is `\x` + hex, decoded to raw bytes.
 const BYTEA_OID: u32 = 17;
+/// `json`'s and `jsonb`'s type oids: PostgreSQL checked their text on input.
+const JSON_OID: u32 = 114;
+const JSONB_OID: u32 = 3802;
 
 /// What the transaction around a row tells us (from its Begin message).
 #[derive(Debug, Clone, Copy)]
@@ -89,6 +92,14 @@ pub enum MappingError {
         column: String,
         reason: String,
     },
+    #[error("row {id} column {column:?} is not valid JSON ({reason}), and payload_format is json; fix the code that writes the row, or set payload_format = \"raw\" (--payload-format raw) to send payloads unchecked")]
+    InvalidPayload {
+        id: String,
+        column: String,
+        /// The topic the record was for.
+        topic: String,
+        reason: String,
+    },
     #[error("row {id} routes to topic {topic:?}, which is not a legal Kafka topic name (1-249 characters of a-z A-Z 0-9 . _ -); fix the routing value or the topic template")]
     InvalidTopic { id: String, topic: String },
     #[error("row arrived for relation oid {0} before its Relation message (replication protocol violation)")]
@@ -96,14 +107,13 @@ pub enum MappingError {
 }
 
 impl MappingError {
-    /// True when the error is about one row's content (a poison row) rather
-    /// than about the table's shape or the protocol.
     /// The poison class of a row error (see `config::POISON_CLASSES`), or
     /// `None` for protocol errors.
     pub fn poison_class(&self) -> Option<&'static str> {
         Some(match self {
             MappingError::NullColumn { .. } => "null_column",
             MappingError::BadValue { .. } => "bad_value",
+            MappingError::InvalidPayload { .. } => "invalid_payload",
             MappingError::InvalidTopic { .. } => "invalid_topic",
             MappingError::MissingColumn { .. } => "missing_column",
             MappingError::UnknownRelation(_) => return None,
@@ -113,16 +123,20 @@ impl MappingError {
     /// The topic the row would have gone to, when known.
     pub fn original_topic(&self) -> Option<&str> {
         match self {
-            MappingError::InvalidTopic { topic, .. } => Some(topic),
+            MappingError::InvalidTopic { topic, .. }
+            | MappingError::InvalidPayload { topic, .. } => Some(topic),
             _ => None,
         }
     }
 
+    /// True when the error is about one row's content (a poison row) rather
+    /// than about the table's shape or the protocol.
     pub fn is_poison(&self) -> bool {
         matches!(
             self,
             MappingError::NullColumn { .. }
                 | MappingError::BadValue { .. }
+                | MappingError::InvalidPayload { .. }
                 | MappingError::InvalidTopic { .. }
         )
     }
@@ -136,6 +150,9 @@ struct Resolved {
     route: Option<usize>,
     payload: usize,
     payload_is_bytea: bool,
+    /// Check each payload is JSON: `payload_format = json` on a column type
+    /// that does not guarantee it.
+    payload_check_json: bool,
     type_: Option<usize>,
     headers: Vec<(Arc<str>, usize)>,
 }
@@ -291,6 +308,8 @@ impl OutboxMapper {
             },
             payload,
             payload_is_bytea: rel.columns[payload].type_oid == BYTEA_OID,
+            payload_check_json: cfg.payload_format == PayloadFormat::Json
+                && !matches!(rel.columns[payload].type_oid, JSON_OID | JSONB_OID),
             type_: match &cfg.type_column {
                 Some(c) => Some(find(c, "type_column")?),
                 None => None,
@@ -404,6 +423,16 @@ impl OutboxMapper {
             }
             (None, None) => unreachable!("route column is resolved whenever no fixed topic is set"),
         };
+        if resolved.payload_check_json {
+            if let Some(p) = &payload {
+                validate_json(p).map_err(|reason| MappingError::InvalidPayload {
+                    id: id_display(),
+                    column: cfg.payload_column.clone(),
+                    topic: topic.to_string(),
+                    reason,
+                })?;
+            }
+        }
 
         let mut headers = Vec::with_capacity(5 + resolved.headers.len());
         headers.push((self.header_id.clone(), id_value.clone()));
@@ -442,6 +471,18 @@ fn text(tuple: &TupleData, idx: usize) -> Option<Bytes> {
         Column::Text(b) | Column::Binary(b) => Some(b.clone()),
         Column::Null | Column::UnchangedToast => None,
     }
+}
+
+/// Whether `bytes` are one JSON value (RFC 8259: UTF-8, nothing but whitespace
+/// around it). This runs on every row of a checked column, so it allocates only
+/// for the error: UTF-8 is checked first (serde_json's byte-slice reader does
+/// not check it inside strings, and a bytea payload can hold anything), then
+/// the value is parsed and thrown away (`IgnoredAny` builds nothing).
+fn validate_json(bytes: &[u8]) -> Result<(), String> {
+    let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))?;
+    serde_json::from_str::<serde::de::IgnoredAny>(text)
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 /// bytea's text output (`\x0123…`, the default `bytea_output = hex`) to raw bytes.
@@ -755,6 +796,91 @@ mod tests {
         );
         let e = m.map_insert(&bad_topic, &TXN).unwrap_err();
         assert!(matches!(e, MappingError::InvalidTopic { .. }), "{e}");
+    }
+
+    fn payload_row(id: &str, payload: Column) -> Insert {
+        insert(
+            16384,
+            vec![t(id), t("Order"), t("k"), t("T"), payload, Column::Null],
+        )
+    }
+
+    fn mapper_with(format: PayloadFormat, payload_oid: u32) -> OutboxMapper {
+        let cfg = MappingConfig {
+            payload_format: format,
+            ..MappingConfig::default()
+        };
+        let mut m = OutboxMapper::new(cfg, table());
+        let mut rel = debezium_relation();
+        rel.columns[4].type_oid = payload_oid;
+        m.on_relation(&rel).unwrap();
+        m
+    }
+
+    #[test]
+    fn json_format_checks_text_payloads() {
+        let mut m = mapper_with(PayloadFormat::Json, 25);
+        for good in [
+            r#"{"a": [1, 2.5, "Zoë"]}"#,
+            " {} \n",
+            "42",
+            r#""s""#,
+            "null",
+        ] {
+            let r = record(m.map_insert(&payload_row("1", t(good)), &TXN).unwrap());
+            assert_eq!(r.payload.as_deref(), Some(good.as_bytes()), "{good:?}");
+        }
+        for bad in [
+            "",
+            "{",
+            r#"{"a": 1} x"#,
+            "{'a': 1}",
+            "not json",
+            r#"{"a": "\q"}"#,
+        ] {
+            let e = m
+                .map_insert(&payload_row("7", t(bad)), &TXN)
+                .expect_err(bad);
+            assert_eq!(e.poison_class(), Some("invalid_payload"), "{bad:?}");
+            assert!(e.is_poison());
+            assert_eq!(e.original_topic(), Some("outbox.event.Order"));
+            let msg = e.to_string();
+            assert!(msg.contains("id=7"), "{msg}");
+            assert!(msg.contains("payload_format"), "names the fix: {msg}");
+        }
+        // NULL is no payload (a record without a value), not bad JSON.
+        let r = record(m.map_insert(&payload_row("2", Column::Null), &TXN).unwrap());
+        assert_eq!(r.payload, None);
+    }
+
+    #[test]
+    fn json_format_trusts_json_columns_and_raw_checks_nothing() {
+        // PostgreSQL validated json/jsonb on input: not parsed again (the bytes
+        // here could never come from such a column; they show no check runs).
+        for oid in [JSON_OID, JSONB_OID] {
+            let mut m = mapper_with(PayloadFormat::Json, oid);
+            assert!(m.map_insert(&payload_row("1", t("{")), &TXN).is_ok());
+        }
+        let mut m = mapper_with(PayloadFormat::Raw, 25);
+        let r = record(
+            m.map_insert(&payload_row("1", t("plain text")), &TXN)
+                .unwrap(),
+        );
+        assert_eq!(r.payload.as_deref(), Some(&b"plain text"[..]));
+        assert_eq!(MappingConfig::default().payload_format, PayloadFormat::Raw);
+    }
+
+    #[test]
+    fn json_format_checks_decoded_bytea() {
+        let mut m = mapper_with(PayloadFormat::Json, BYTEA_OID);
+        let r = record(m.map_insert(&payload_row("1", t("\\x7b7d")), &TXN).unwrap());
+        assert_eq!(r.payload.as_deref(), Some(&b"{}"[..]));
+        // `"\xff"`: a JSON string holding a byte that is not UTF-8.
+        let e = m
+            .map_insert(&payload_row("2", t("\\x22ff22")), &TXN)
+            .unwrap_err();
+        assert_eq!(e.poison_class(), Some("invalid_payload"));
+        assert!(e.to_string().contains("UTF-8"), "{e}");
     }
 
     #[test]

@@ -130,6 +130,8 @@ pub struct MappingLayer {
     /// Replaces the lower layers' list as a whole.
     pub header_columns: Option<Vec<String>>,
     pub provenance_headers: Option<bool>,
+    /// `"raw"` or `"json"`.
+    pub payload_format: Option<PayloadFormat>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -268,6 +270,7 @@ impl Layer {
                 topic: tm.topic.or(m.topic),
                 header_columns: tm.header_columns.or(m.header_columns),
                 provenance_headers: tm.provenance_headers.or(m.provenance_headers),
+                payload_format: tm.payload_format.or(m.payload_format),
             },
             relay: RelayLayer {
                 max_in_flight_records: tr.max_in_flight_records.or(r.max_in_flight_records),
@@ -415,6 +418,7 @@ impl Config {
                 topic: m.topic.filter(|t| !t.is_empty()),
                 header_columns: m.header_columns.unwrap_or_default(),
                 provenance_headers: m.provenance_headers.unwrap_or(DEFAULT_PROVENANCE_HEADERS),
+                payload_format: m.payload_format.unwrap_or(DEFAULT_PAYLOAD_FORMAT),
             },
             relay: RelayConfig {
                 max_in_flight_records: r

@@ -218,6 +218,38 @@ fn empty_type_column_and_topic_mean_none() {
 }
 
 #[test]
+fn payload_format_from_each_layer() {
+    assert_eq!(
+        ok(None, &[], &[]).mapping.payload_format,
+        PayloadFormat::Raw
+    );
+    let toml = "[mapping]\npayload_format = \"json\"\n";
+    assert_eq!(
+        ok(Some(toml), &[], &[]).mapping.payload_format,
+        PayloadFormat::Json
+    );
+    let c = ok(Some(toml), &[("OUTBOX_RELAY_PAYLOAD_FORMAT", "raw")], &[]);
+    assert_eq!(c.mapping.payload_format, PayloadFormat::Raw);
+    let c = ok(
+        Some(toml),
+        &[("OUTBOX_RELAY_PAYLOAD_FORMAT", "raw")],
+        &["--payload-format", "json"],
+    );
+    assert_eq!(c.mapping.payload_format, PayloadFormat::Json);
+    let p = problems(Some("[mapping]\npayload_format = \"xml\"\n"), &[], MIN);
+    assert!(
+        p[0].contains("unknown variant `xml`") && p[0].contains("`json`"),
+        "{p:?}"
+    );
+    let err = try_parse_with_env(
+        ["outbox-relay", "run", "--payload-format", "xml"],
+        &BTreeMap::new(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("json"), "{err}");
+}
+
+#[test]
 fn table_name_from_toml_and_flag() {
     let c = ok(Some("[postgres]\ntable = 'app.\"Outbox\"'\n"), &[], &[]);
     assert_eq!(c.postgres.table, TableName::new("app", "Outbox"));
