@@ -354,8 +354,9 @@ async fn one_million_event_backlog_streams_in_bounded_memory() {
 #[ignore = "several minutes: cargo test --release --test memory -- --ignored --nocapture --test-threads 1"]
 async fn large_payload_backlog_stays_within_the_byte_window() {
     // 100k events of ~8 KB (800 MB) and a broker that hangs just after the relay
-    // started on them: the relay fills its in-flight window (64 MiB or 100k records
-    // by default; the byte limit binds here) and must stop reading there.
+    // started on them: the relay fills its in-flight window (16 MiB or 20k records
+    // by default; the byte limit binds here, at ~2k records) and must stop reading
+    // there.
     const LARGE_EVENTS: i64 = 100_000;
     const LARGE_PAD: i32 = 8000;
     let mut setup = Setup::new().await;

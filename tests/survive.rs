@@ -11,18 +11,27 @@ use harness::{current_wal_lsn, lsn_to_u64, wait_until, PgVersion, RelayProcess};
 /// The table without the NOT NULL constraints, so poison rows can be inserted.
 const LOOSEN: &str = "ALTER TABLE outbox_events ALTER COLUMN aggregateid DROP NOT NULL, \
                       ALTER COLUMN aggregatetype DROP NOT NULL";
+/// A text payload column: PostgreSQL no longer checks it is JSON, so a row can
+/// carry a payload that is not (with `--payload-format json`, poison
+/// `invalid_payload`).
+const TEXT_PAYLOAD: &str = "ALTER TABLE outbox_events ALTER COLUMN payload TYPE text";
+/// Not JSON: an unterminated object.
+const NOT_JSON: &str = "{\"seq\": -6, oops";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_rows_go_to_the_dead_letter_topic_and_the_stream_goes_on() {
     let env = Env::new(PgVersion::V17).await;
     let client = env.client().await;
     client.batch_execute(LOOSEN).await.unwrap();
+    client.batch_execute(TEXT_PAYLOAD).await.unwrap();
     let mut relay = RelayProcess::spawn(
         &env.args(&[
             "--dead-letter-topic",
             "outbox.dead_letter",
             "--kafka-property",
             "message.max.bytes=100000",
+            "--payload-format",
+            "json",
         ]),
         &[],
     );
@@ -39,7 +48,9 @@ async fn poison_rows_go_to_the_dead_letter_topic_and_the_stream_goes_on() {
              INSERT INTO outbox_events (id, aggregatetype, aggregateid, type, payload) VALUES \
                ('00000000-0000-0000-0000-000000000003', 'Bad Topic!', 'k', 'T', '{{\"seq\": -3}}');
              INSERT INTO outbox_events (id, aggregatetype, aggregateid, type, payload) VALUES \
-               ('00000000-0000-0000-0000-000000000004', 'Order', 'k', 'T', '{{\"seq\": -4, \"big\": \"{big}\"}}');"
+               ('00000000-0000-0000-0000-000000000004', 'Order', 'k', 'T', '{{\"seq\": -4, \"big\": \"{big}\"}}');
+             INSERT INTO outbox_events (id, aggregatetype, aggregateid, type, payload) VALUES \
+               ('00000000-0000-0000-0000-000000000006', 'Order', 'k', 'T', '{NOT_JSON}');"
         ))
         .await
         .unwrap();
@@ -60,7 +71,7 @@ async fn poison_rows_go_to_the_dead_letter_topic_and_the_stream_goes_on() {
         .await
         .unwrap();
 
-    let dead = env.broker.consume("outbox.dead_letter", 5, DEADLINE).await;
+    let dead = env.broker.consume("outbox.dead_letter", 6, DEADLINE).await;
     let class_of = |id: &str| {
         dead.iter()
             .find(|c| c.header_str("id") == Some(id))
@@ -87,6 +98,10 @@ async fn poison_rows_go_to_the_dead_letter_topic_and_the_stream_goes_on() {
         class_of("00000000-0000-0000-0000-000000000005").as_deref(),
         Some("missing_column")
     );
+    assert_eq!(
+        class_of("00000000-0000-0000-0000-000000000006").as_deref(),
+        Some("invalid_payload")
+    );
     for c in &dead {
         assert!(c.header("outbox-relay-error-reason").is_some());
         assert!(c.header("outbox-relay-commit-lsn").is_some());
@@ -108,6 +123,20 @@ async fn poison_rows_go_to_the_dead_letter_topic_and_the_stream_goes_on() {
         serde_json::from_slice(null_key.payload.as_deref().unwrap()).unwrap();
     assert_eq!(row["aggregateid"], serde_json::Value::Null);
     assert_eq!(row["aggregatetype"], "Order");
+    // The invalid payload: its topic, the parser's reason, and the text as it was.
+    let bad_json = dead
+        .iter()
+        .find(|c| c.header_str("id") == Some("00000000-0000-0000-0000-000000000006"))
+        .unwrap();
+    assert_eq!(
+        bad_json.header_str("outbox-relay-original-topic"),
+        Some("outbox.event.Order")
+    );
+    let reason = bad_json.header_str("outbox-relay-error-reason").unwrap();
+    assert!(reason.contains("not valid JSON"), "{reason}");
+    let row: serde_json::Value =
+        serde_json::from_slice(bad_json.payload.as_deref().unwrap()).unwrap();
+    assert_eq!(row["payload"], NOT_JSON);
 
     // And the relay runs on.
     assert!(relay.is_running(), "{}", relay.log());
@@ -148,6 +177,124 @@ async fn a_poison_row_stops_the_relay_by_default_and_is_not_skipped() {
     assert!(
         again.is_some_and(|s| !s.success()),
         "a restart meets the same row again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_payload_stops_the_relay_under_its_stop_policy_until_the_policy_changes() {
+    let env = Env::new(PgVersion::V15).await;
+    let client = env.client().await;
+    client.batch_execute(TEXT_PAYLOAD).await.unwrap();
+    // A dead-letter topic is set, but this class stops: policies are per class.
+    let args = |policy: &str| {
+        env.args(&[
+            "--payload-format",
+            "json",
+            "--dead-letter-topic",
+            "outbox.dead_letter",
+            "--poison-policy",
+            policy,
+        ])
+    };
+    let mut relay = RelayProcess::spawn(&args("invalid_payload=stop"), &[]);
+    env.wait_streaming(&mut relay).await;
+    let n = insert_rows(&client, 0, 4, 2).await;
+    let before_poison = lsn_to_u64(&current_wal_lsn(&client).await);
+    client
+        .batch_execute(&format!(
+            "INSERT INTO outbox_events (id, aggregatetype, aggregateid, type, payload) VALUES \
+             ('00000000-0000-0000-0000-0000000000bb', 'Order', 'k', 'T', '{NOT_JSON}')"
+        ))
+        .await
+        .unwrap();
+    let end = insert_rows(&client, n, 4, 2).await;
+    let status = relay.wait_exit(DEADLINE).await.expect("the relay stops");
+    assert!(!status.success());
+    let log = relay.log();
+    assert!(log.contains("poison row (invalid_payload)"), "{log}");
+    assert!(
+        log.contains("00000000-0000-0000-0000-0000000000bb"),
+        "names the row: {log}"
+    );
+    assert!(log.contains("payload_format"), "names the fix: {log}");
+    let confirmed = env.confirmed(&client).await;
+    assert!(
+        confirmed <= before_poison + 1024,
+        "slot moved past the poison row"
+    );
+    // The operator switches the class to dead-letter: the row goes there, and
+    // every good row before and after it arrives.
+    let mut relay = RelayProcess::spawn(&args("invalid_payload=dead-letter"), &[]);
+    let dead = env.broker.consume("outbox.dead_letter", 1, DEADLINE).await;
+    assert_eq!(dead.len(), 1, "{}", relay.log());
+    assert_eq!(
+        dead[0].header_str("id"),
+        Some("00000000-0000-0000-0000-0000000000bb")
+    );
+    assert_eq!(
+        dead[0].header_str("outbox-relay-error-class"),
+        Some("invalid_payload")
+    );
+    let expected = Expected::read(&client).await;
+    assert_eq!(expected.rows.len() as u64, end);
+    expected.check(&expected.consume(&env.broker).await);
+    assert!(relay.is_running(), "{}", relay.log());
+}
+
+/// A broker down longer than the producer's `message.timeout.ms`: librdkafka
+/// gives up on the records it holds, the relay must not take that as delivery
+/// (nor skip them) but reconnect from the slot and send them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_down_past_the_message_timeout_means_reconnect_and_resume_not_loss() {
+    const MESSAGE_TIMEOUT: Duration = Duration::from_secs(3);
+    let mut env = Env::new(PgVersion::V17).await;
+    let client = env.client().await;
+    let mut relay = RelayProcess::spawn(
+        &env.args(&[
+            "--kafka-property",
+            &format!("message.timeout.ms={}", MESSAGE_TIMEOUT.as_millis()),
+            "--reconnect-backoff-min",
+            "200ms",
+            "--reconnect-backoff-max",
+            "2s",
+        ]),
+        &[],
+    );
+    env.wait_streaming(&mut relay).await;
+    let n = insert_rows(&client, 0, 5, 3).await;
+    let first = Expected::read(&client).await;
+    first.check(&first.consume(&env.broker).await);
+    let delivered = lsn_to_u64(&current_wal_lsn(&client).await);
+
+    env.broker.pause();
+    // From a multiple of 10: the first row held back carries 6 KB, so its
+    // commit lies well beyond `delivered` + the slack below.
+    let first_held = n.next_multiple_of(10);
+    let during = insert_rows(&client, first_held, 10, 3).await;
+    // Three message timeouts: every record sent to the hung broker expires.
+    tokio::time::sleep(MESSAGE_TIMEOUT * 3).await;
+    let confirmed = env.confirmed(&client).await;
+    assert!(
+        confirmed <= delivered + 1024,
+        "the slot passed records the hung broker never acknowledged \
+         ({confirmed:X} > {delivered:X})"
+    );
+    let log = relay.log();
+    assert!(
+        log.contains("did not acknowledge") && log.contains("resuming from the slot"),
+        "the expired records end the session, to be sent again:\n{log}"
+    );
+    env.broker.resume();
+
+    let end = insert_rows(&client, during, 5, 3).await;
+    let expected = Expected::read(&client).await;
+    assert_eq!(expected.rows.len() as u64, end - (first_held - n));
+    let duplicates = expected.check(&expected.consume(&env.broker).await);
+    assert!(relay.is_running(), "{}", relay.log());
+    eprintln!(
+        "broker hung {:?} past a {MESSAGE_TIMEOUT:?} message timeout: {} rows, 0 missing, {duplicates} duplicates",
+        MESSAGE_TIMEOUT * 3,
+        expected.rows.len()
     );
 }
 

@@ -101,10 +101,11 @@ impl Expected {
     pub async fn read(client: &tokio_postgres::Client) -> Expected {
         let rows = client
             .query(
-                "SELECT id::text, aggregatetype, aggregateid, type, payload::text, (payload->>'seq')::bigint \
+                // `payload::jsonb`: tests may make the column text.
+                "SELECT id::text, aggregatetype, aggregateid, type, payload::text, (payload::jsonb->>'seq')::bigint \
                  FROM outbox_events \
                  WHERE id::text NOT LIKE '00000000-0000-0000-0000-%' \
-                 ORDER BY (payload->>'seq')::bigint",
+                 ORDER BY (payload::jsonb->>'seq')::bigint",
                 &[],
             )
             .await
