@@ -237,6 +237,11 @@ impl KafkaSink {
         self.events.recv().await
     }
 
+    /// The next report if one is already waiting; never waits.
+    pub fn try_next_event(&mut self) -> Option<SinkEvent> {
+        self.events.try_recv().ok()
+    }
+
     /// A fatal producer error, if librdkafka has raised one.
     pub fn fatal_error(&self) -> Option<String> {
         self.producer

@@ -31,7 +31,17 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(&cfg);
+    // The relay is one task (the loop) plus light ones (HTTP, lag sampler);
+    // librdkafka runs its own threads. A second runtime worker only adds
+    // work-stealing wake-ups on the hot path (profiled during catch-up: worker
+    // park/unpark was a quarter of the loop thread's CPU), so `run` and
+    // `replay` get one. The multi-thread flavour stays for `block_in_place`.
+    let workers = match cli.command {
+        Command::Run(_) | Command::Replay(_) => 1,
+        _ => 2,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()
         .expect("the tokio runtime starts");

@@ -392,17 +392,36 @@ impl Metrics {
     /// A record of `bytes` bytes was handed to the producer for `topic`.
     /// Allocation-free once `topic` was seen.
     pub fn record_produced(&self, topic: &str, bytes: usize) {
+        self.records_produced(topic, 1, bytes as u64);
+    }
+
+    /// `records` records of `bytes` bytes in all were handed to the producer
+    /// for `topic` (the relay adds up a burst and reports it once).
+    pub fn records_produced(&self, topic: &str, records: u64, bytes: u64) {
         self.with_topic(topic, |c| {
-            c.records.inc();
-            c.bytes.inc_by(bytes as u64);
+            c.records.inc_by(records);
+            c.bytes.inc_by(bytes);
         });
     }
 
     /// The broker acknowledged a record; `latency` runs from its commit (see
     /// [`latency_since_commit`]).
     pub fn record_acked(&self, latency: Duration) {
+        self.ack_latency(latency);
+        self.records_acked(1);
+    }
+
+    /// The commit → acknowledgement latency of one record (lock-free).
+    pub fn ack_latency(&self, latency: Duration) {
         self.inner.latency.observe(latency.as_secs_f64());
-        self.inner.acked_records.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `records` acknowledgements arrived (counted and noted for readiness
+    /// once per burst, not per record: this takes a lock).
+    pub fn records_acked(&self, records: u64) {
+        self.inner
+            .acked_records
+            .fetch_add(records, Ordering::Relaxed);
         self.progress().readiness.on_ack(Instant::now());
     }
 

@@ -54,6 +54,11 @@ const LAG_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(30);
 /// Pause before retrying a record librdkafka's queue refused.
 const QUEUE_FULL_RETRY: Duration = Duration::from_millis(5);
+/// Most replication messages (or delivery reports) handled in one wake-up of
+/// the loop before the higher-priority branches are looked at again. Large
+/// enough to take a whole socket read (or produce batch) at once, small enough
+/// that status updates and shutdown never wait long behind a burst.
+const BURST: usize = 512;
 
 /// What to do about an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -494,6 +499,9 @@ impl Relay {
             known_topics: HashSet::new(),
             warned_tables: HashSet::new(),
             last_status: Instant::now(),
+            burst_acks: 0,
+            burst_now: None,
+            burst_produced: None,
         };
         session.run(&mut stream, sink, &self.shutdown).await?;
         let finished = session.finished;
@@ -634,6 +642,10 @@ struct Session<'a> {
     known_topics: HashSet<Arc<str>>,
     warned_tables: HashSet<String>,
     last_status: Instant,
+    /// Per-burst metric tallies (see `after_acks` / `after_intake`).
+    burst_acks: u64,
+    burst_now: Option<SystemTime>,
+    burst_produced: Option<(Arc<str>, u64, u64)>,
 }
 
 impl Session<'_> {
@@ -677,9 +689,7 @@ impl Session<'_> {
                     break;
                 }
             }
-            let room = self.window.records < relay_cfg.max_in_flight_records
-                && self.window.bytes < relay_cfg.max_in_flight_bytes;
-            let intake = draining.is_none() && self.queued.is_none() && room;
+            let intake = draining.is_none() && self.queued.is_none() && self.window_has_room();
             if !intake {
                 // Not reading: the server's silence is ours, not its.
                 last_heard = Instant::now();
@@ -696,6 +706,13 @@ impl Session<'_> {
                 event = sink.next_event() => {
                     let event = event.expect("the sink's sender lives as long as the sink");
                     self.on_sink_event(event)?;
+                    // Reports come in bursts (one per record of a produce
+                    // batch): take what is already there in this wake-up.
+                    for _ in 1..BURST {
+                        let Some(event) = sink.try_next_event() else { break };
+                        self.on_sink_event(event)?;
+                    }
+                    self.after_acks();
                 }
                 _ = status.tick() => {
                     if last_heard.elapsed() > SERVER_SILENCE_TIMEOUT {
@@ -706,6 +723,7 @@ impl Session<'_> {
                 _ = tokio::time::sleep(QUEUE_FULL_RETRY), if self.queued.is_some() && draining.is_none() => {
                     let (record, token) = self.queued.take().expect("guarded by the branch condition");
                     self.send_record(sink, record, token)?;
+                    self.flush_produced();
                 }
                 _ = tokio::time::sleep_until(drain_deadline), if draining.is_some() => {}
                 msg = stream.next_message(), if intake => {
@@ -714,6 +732,17 @@ impl Session<'_> {
                         Some(msg) => self.on_replication_message(msg, stream, sink).await?,
                         None => return Err(RelayError::StreamEnded),
                     }
+                    // One socket read holds many frames during catch-up: handle
+                    // the buffered ones now, while the window has room, instead
+                    // of one select! round (and its timers) per frame.
+                    for _ in 1..BURST {
+                        if self.finished || self.queued.is_some() || !self.window_has_room() {
+                            break;
+                        }
+                        let Some(msg) = stream.try_next_buffered()? else { break };
+                        self.on_replication_message(msg, stream, sink).await?;
+                    }
+                    self.after_intake();
                 }
             }
         }
@@ -721,6 +750,37 @@ impl Session<'_> {
         self.send_status(stream, false).await?;
         tracing::info!(flushed = %self.tracker.flushed(), "final status update sent");
         Ok(())
+    }
+
+    fn window_has_room(&self) -> bool {
+        self.window.records < self.cfg.relay.max_in_flight_records
+            && self.window.bytes < self.cfg.relay.max_in_flight_bytes
+    }
+
+    /// Metrics of a burst of delivery reports, once per burst.
+    fn after_acks(&mut self) {
+        if self.burst_acks > 0 {
+            self.metrics
+                .records_acked(std::mem::take(&mut self.burst_acks));
+            self.metrics.acked_lsn(self.tracker.flushed());
+        }
+        self.metrics
+            .in_flight(self.window.records, self.window.bytes);
+        self.burst_now = None;
+    }
+
+    /// Metrics of a burst of replication messages, once per burst.
+    fn after_intake(&mut self) {
+        self.flush_produced();
+        self.metrics.received_lsn(self.tracker.received());
+        self.metrics
+            .in_flight(self.window.records, self.window.bytes);
+    }
+
+    fn flush_produced(&mut self) {
+        if let Some((topic, records, bytes)) = self.burst_produced.take() {
+            self.metrics.records_produced(&topic, records, bytes);
+        }
     }
 
     fn on_sink_event(&mut self, event: SinkEvent) -> Result<(), RelayError> {
@@ -732,11 +792,11 @@ impl Session<'_> {
                 self.window.records -= 1;
                 self.window.bytes -= token.bytes;
                 self.tracker.ack(token.txn)?;
+                // One clock reading per burst: the reports of a burst arrived together.
+                let now = *self.burst_now.get_or_insert_with(SystemTime::now);
                 self.metrics
-                    .record_acked(latency_since_commit(token.commit_time, SystemTime::now()));
-                self.metrics
-                    .in_flight(self.window.records, self.window.bytes);
-                self.metrics.acked_lsn(self.tracker.flushed());
+                    .ack_latency(latency_since_commit(token.commit_time, now));
+                self.burst_acks += 1;
             }
             SinkEvent::Failed(token, error) => {
                 if token.generation != self.generation {
@@ -792,7 +852,6 @@ impl Session<'_> {
                 ..
             } => {
                 self.tracker.keepalive(wal_end);
-                self.metrics.received_lsn(self.tracker.received());
                 if self.opts.end_lsn.is_some_and(|end| wal_end >= end) && self.txn.is_none() {
                     self.finished = true;
                 }
@@ -802,7 +861,6 @@ impl Session<'_> {
             }
             ReplicationMessage::XLogData { wal_end, data, .. } => {
                 self.tracker.note_received(wal_end);
-                self.metrics.received_lsn(self.tracker.received());
                 match self.decoder.decode(data)? {
                     Message::Begin(b) => {
                         if self.opts.end_lsn.is_some_and(|end| b.final_lsn >= end) {
@@ -1001,9 +1059,17 @@ impl Session<'_> {
                 self.tracker.record_sent()?;
                 self.window.records += 1;
                 self.window.bytes += token.bytes;
-                self.metrics.record_produced(&record.topic, token.bytes);
-                self.metrics
-                    .in_flight(self.window.records, self.window.bytes);
+                // Counted per burst and topic (the metric takes a lock).
+                match &mut self.burst_produced {
+                    Some((topic, records, bytes)) if *topic == record.topic => {
+                        *records += 1;
+                        *bytes += token.bytes as u64;
+                    }
+                    _ => {
+                        self.flush_produced();
+                        self.burst_produced = Some((record.topic.clone(), 1, token.bytes as u64));
+                    }
+                }
                 Ok(())
             }
             Err(KafkaSinkError::QueueFull) => {

@@ -369,20 +369,44 @@ impl ReplicationStream {
         // Cancellation safety: the only await is `recv`, which is; once it
         // yields a message, everything below completes without awaiting.
         loop {
-            match self.conn.recv().await? {
-                BackendMessage::CopyData(payload) => {
-                    return copy::parse_copy_data(payload).map(Some)
-                }
-                BackendMessage::CopyDone | BackendMessage::CommandComplete { .. } => {
-                    self.server_done = true;
-                    return Ok(None);
-                }
-                BackendMessage::ErrorResponse(e) => return Err(ReplicationError::Server(e)),
-                BackendMessage::ParameterStatus { .. }
-                | BackendMessage::NotificationResponse { .. } => {}
-                other => return Err(other.unexpected("replication streaming")),
+            let message = self.conn.recv().await?;
+            if let Some(result) = self.on_backend_message(message) {
+                return result;
             }
         }
+    }
+
+    /// Like [`next_message`](Self::next_message), but only from bytes already
+    /// read: `Ok(None)` when no whole message is buffered (or the copy ended;
+    /// `next_message` then says which). Never waits.
+    pub fn try_next_buffered(&mut self) -> Result<Option<ReplicationMessage>, ReplicationError> {
+        while !self.server_done {
+            let Some(message) = self.conn.try_recv_buffered()? else {
+                return Ok(None);
+            };
+            if let Some(result) = self.on_backend_message(message) {
+                return result;
+            }
+        }
+        Ok(None)
+    }
+
+    /// One backend message during streaming: `None` to skip it.
+    fn on_backend_message(
+        &mut self,
+        message: BackendMessage,
+    ) -> Option<Result<Option<ReplicationMessage>, ReplicationError>> {
+        Some(match message {
+            BackendMessage::CopyData(payload) => copy::parse_copy_data(payload).map(Some),
+            BackendMessage::CopyDone | BackendMessage::CommandComplete { .. } => {
+                self.server_done = true;
+                Ok(None)
+            }
+            BackendMessage::ErrorResponse(e) => Err(ReplicationError::Server(e)),
+            BackendMessage::ParameterStatus { .. }
+            | BackendMessage::NotificationResponse { .. } => return None,
+            other => Err(other.unexpected("replication streaming")),
+        })
     }
 
     /// Send a standby status update (`r`). The client time is taken now.
