@@ -208,6 +208,11 @@ pub async fn run(ctx: &mut Ctx) -> Result<(CatchUp, Guarded), String> {
         "--summary".into(),
         path_str(&summary),
     ];
+    let mut args = args;
+    for (k, v) in &s.producer_properties {
+        args.push("--property".into());
+        args.push(format!("{k}={v}"));
+    }
     let a = ctx.snapshot(None);
     let mut raw = ctx.spawn_self("raw-produce", &args)?;
     let status = raw

@@ -146,6 +146,10 @@ struct BenchArgs {
     /// Keep the temp dirs (data, logs) afterwards
     #[arg(long)]
     keep_temp: bool,
+    /// librdkafka producer property for the relay and the raw producer alike
+    /// (repeatable), to compare producer tunings in one harness
+    #[arg(long = "producer-property", value_name = "KEY=VALUE", value_parser = outbox_relay::cli::parse_kafka_property)]
+    producer_properties: Vec<(String, String)>,
     /// Profile the relay during catch-up: `perf record -g` into this file
     /// (then `perf report -i FILE`)
     #[arg(long, value_name = "FILE")]
@@ -208,6 +212,7 @@ fn settings(a: &BenchArgs) -> Settings {
         poll_batch: a.poll_batch,
         fetch_wait_ms: a.fetch_wait_ms,
         perf_relay: a.perf_relay.clone(),
+        producer_properties: a.producer_properties.clone(),
         dump_stamps: a.dump_stamps.clone(),
     }
 }

@@ -41,6 +41,9 @@ pub struct RawArgs {
     pub rate: Option<f64>,
     #[arg(long, value_parser = humantime::parse_duration)]
     pub duration: Option<std::time::Duration>,
+    /// Extra librdkafka property (repeatable), as the relay gets it.
+    #[arg(long = "property", value_name = "KEY=VALUE", value_parser = outbox_relay::cli::parse_kafka_property)]
+    pub properties: Vec<(String, String)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -76,7 +79,9 @@ impl ProducerContext for Ctx {
 
 pub fn main(args: RawArgs) -> Result<(), String> {
     let counts = Arc::new(Counts::default());
-    let producer: ThreadedProducer<Ctx> = producer_settings(&args.brokers)
+    let mut settings = producer_settings(&args.brokers);
+    settings.properties.extend(args.properties.iter().cloned());
+    let producer: ThreadedProducer<Ctx> = settings
         .client_config()
         .create_with_context(Ctx(counts.clone()))
         .map_err(|e| format!("create the producer: {e}"))?;

@@ -39,6 +39,8 @@ pub struct Settings {
     pub fetch_wait_ms: u32,
     /// Record a `perf` profile of the relay during catch-up into this file.
     pub perf_relay: Option<PathBuf>,
+    /// Extra librdkafka properties for the relay and the raw producer.
+    pub producer_properties: Vec<(String, String)>,
     /// Write every window's (commit, receive) stamps as CSV into this dir.
     pub dump_stamps: Option<PathBuf>,
 }
@@ -100,7 +102,7 @@ impl Ctx {
 
     /// The relay's command line (after the binary).
     pub fn relay_args(&self) -> Vec<String> {
-        vec![
+        let mut args: Vec<String> = vec![
             "run".into(),
             "--postgres-url".into(),
             self.pg.url(),
@@ -114,7 +116,12 @@ impl Ctx {
             // the backlog) is seen within ~0.1 s.
             "--status-interval".into(),
             "100ms".into(),
-        ]
+        ];
+        for (k, v) in &self.settings.producer_properties {
+            args.push("--kafka-property".into());
+            args.push(format!("{k}={v}"));
+        }
+        args
     }
 
     /// Starts the relay binary under test (log in the scratch dir).

@@ -127,6 +127,11 @@ pub async fn window(
             "--summary".into(),
             path_str(&summary),
         ];
+        let mut args = args;
+        for (k, v) in &s.producer_properties {
+            args.push("--property".into());
+            args.push(format!("{k}={v}"));
+        }
         poller = Some(ctx.spawn_self("raw-produce", &args)?);
     }
     let subject_pid = match (&*subject, &poller) {
