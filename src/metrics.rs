@@ -411,7 +411,7 @@ impl Metrics {
         self.records_acked(1);
     }
 
-    /// The commit → acknowledgement latency of one record (lock-free).
+    /// The commit → acknowledgement latency of one record.
     pub fn ack_latency(&self, latency: Duration) {
         self.inner.latency.observe(latency.as_secs_f64());
     }

@@ -326,6 +326,7 @@ fn bench(a: BenchArgs) -> Result<(), String> {
         work_dir: a.work_dir.clone(),
         keep_temp: a.keep_temp,
         relays_started: Default::default(),
+        relay_http_port: Default::default(),
     };
 
     let mut results = Results {

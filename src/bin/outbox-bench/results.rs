@@ -144,6 +144,73 @@ pub struct Window {
     /// Largest `pg_current_wal_lsn() - sent_lsn` seen: WAL the walsender had
     /// not sent yet (decoding behind).
     pub max_unsent_wal_bytes: u64,
+    /// Relay windows: commit → broker acknowledgement inside the relay (its
+    /// latency histogram), i.e. the relay's share without the consumer path.
+    pub relay_ack: Option<BucketLatency>,
+}
+
+/// Percentiles estimated from the deltas of a cumulative histogram (linear
+/// inside a bucket, so as coarse as the buckets: 0.5, 1, 2.5, 5, 10, 25 ms …).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BucketLatency {
+    pub samples: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    /// Share of records acknowledged within 10 ms of their commit, %.
+    pub within_10ms_pct: f64,
+}
+
+impl BucketLatency {
+    /// From two scrapes of the same histogram: `(upper bound s, cumulative count)`.
+    pub fn between(a: &[(f64, f64)], b: &[(f64, f64)]) -> BucketLatency {
+        let cum: Vec<(f64, f64)> = b
+            .iter()
+            .map(|&(le, nb)| {
+                let na = a.iter().find(|x| x.0 == le).map_or(0.0, |x| x.1);
+                (le, (nb - na).max(0.0))
+            })
+            .collect();
+        let total = cum.last().map_or(0.0, |x| x.1);
+        let quantile = |q: f64| -> f64 {
+            if total <= 0.0 {
+                return 0.0;
+            }
+            let target = q * total;
+            let (mut lo, mut below) = (0.0, 0.0);
+            for &(le, n) in &cum {
+                if n >= target {
+                    if !le.is_finite() {
+                        return lo * 1000.0; // beyond the last bound: its floor
+                    }
+                    let frac = if n > below {
+                        (target - below) / (n - below)
+                    } else {
+                        1.0
+                    };
+                    return (lo + (le - lo) * frac) * 1000.0;
+                }
+                lo = le;
+                below = n;
+            }
+            lo * 1000.0
+        };
+        let within = cum
+            .iter()
+            .find(|x| (x.0 - 0.01).abs() < 1e-9)
+            .map_or(0.0, |x| x.1);
+        BucketLatency {
+            samples: total,
+            p50_ms: quantile(0.5),
+            p99_ms: quantile(0.99),
+            p999_ms: quantile(0.999),
+            within_10ms_pct: if total > 0.0 {
+                100.0 * within / total
+            } else {
+                0.0
+            },
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]

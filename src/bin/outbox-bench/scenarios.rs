@@ -59,6 +59,8 @@ pub struct Ctx {
     pub keep_temp: bool,
     /// Relay processes started so far (each logs to its own file).
     pub relays_started: std::cell::Cell<usize>,
+    /// HTTP port of the relay started last (its /metrics).
+    pub relay_http_port: std::cell::Cell<u16>,
 }
 
 /// Everything sampled at one instant.
@@ -129,6 +131,7 @@ impl Ctx {
         self.relays_started.set(self.relays_started.get() + 1);
         let (out, err) = self.log_file(&self.relay_log_name())?;
         let http = free_port().map_err(|e| e.to_string())?;
+        self.relay_http_port.set(http);
         let mut cmd = Command::new(&self.relay_bin);
         cmd.args(self.relay_args())
             .env_remove("OUTBOX_RELAY_CONFIG")
@@ -296,4 +299,29 @@ pub async fn wait_log(
 
 pub fn path_str(p: &Path) -> String {
     p.display().to_string()
+}
+
+/// Cumulative buckets (upper bound in seconds, count) of the relay's
+/// commit → broker-acknowledgement histogram, read from its /metrics.
+pub fn relay_ack_buckets(port: u16) -> Result<Vec<(f64, f64)>, String> {
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let body = ureq::get(&url)
+        .timeout(Duration::from_secs(5))
+        .call()
+        .map_err(|e| format!("GET {url}: {e}"))?
+        .into_string()
+        .map_err(|e| format!("read {url}: {e}"))?;
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
+        .map_err(|e| format!("parse {url}: {e}"))?;
+    let name = outbox_relay::metrics::names::END_TO_END_LATENCY_SECONDS;
+    scrape
+        .samples
+        .iter()
+        .find_map(|s| match &s.value {
+            prometheus_parse::Value::Histogram(h) if s.metric.starts_with(name) => {
+                Some(h.iter().map(|b| (b.less_than, b.count)).collect::<Vec<_>>())
+            }
+            _ => None,
+        })
+        .ok_or_else(|| format!("{url} has no {name} histogram"))
 }

@@ -11,8 +11,9 @@ use std::time::Duration;
 use crate::load::{self, LatencyConsumer, WriterPlan};
 use crate::process::Guarded;
 use crate::resources;
+use crate::results::BucketLatency;
 use crate::results::Window;
-use crate::scenarios::{between, path_str, sql, Ctx, POLL_TABLE, RELAY_TABLE};
+use crate::scenarios::{between, path_str, relay_ack_buckets, sql, Ctx, POLL_TABLE, RELAY_TABLE};
 
 /// Who moves rows to Kafka in a window.
 pub enum Subject<'a> {
@@ -155,12 +156,16 @@ pub async fn window(
         _ => None,
     };
     let snap_a = std::cell::RefCell::new(None);
+    let ack_a = std::cell::RefCell::new(None);
     let (outcome, snap_b) = if let Subject::BrokerFloor = subject {
         let producer = poller.as_mut().expect("spawned above");
         floor_outcome(ctx, &plan, producer, &snap_a).await?
     } else {
         let outcome = load::run_writers(&ctx.pg.url(), &plan, || {
             *snap_a.borrow_mut() = Some(ctx.snapshot(Some(subject_pid)));
+            if let Subject::Relay(_) = subject {
+                *ack_a.borrow_mut() = Some(relay_ack_buckets(ctx.relay_http_port.get()));
+            }
         })
         .await?;
         (outcome, ctx.snapshot(Some(subject_pid)))
@@ -172,6 +177,23 @@ pub async fn window(
         Subject::Polling { interval } => *interval + Duration::from_secs(15),
     };
     let stamps = consumer.finish(outcome.rows_total, drain).await?;
+    // The relay's share: commit → broker acknowledgement, from its own
+    // histogram, over the records it acknowledged from the window's start to
+    // the end of the drain.
+    let relay_ack = match (ack_a.into_inner(), &*subject) {
+        (Some(Ok(a)), Subject::Relay(_)) => match relay_ack_buckets(ctx.relay_http_port.get()) {
+            Ok(b) => Some(BucketLatency::between(&a, &b)),
+            Err(e) => {
+                say!("  warning: no relay latency histogram: {e}");
+                None
+            }
+        },
+        (Some(Err(e)), _) => {
+            say!("  warning: no relay latency histogram: {e}");
+            None
+        }
+        _ => None,
+    };
     let (walsender, max_unsent_wal_bytes) = match walsender {
         Some(task) => task.await.map_err(|e| e.to_string())?,
         None => (Vec::new(), 0),
@@ -249,6 +271,7 @@ pub async fn window(
         machine: d.machine,
         walsender,
         max_unsent_wal_bytes,
+        relay_ack,
     };
     say!(
         "  achieved {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms, missing {}",
