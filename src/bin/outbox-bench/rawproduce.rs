@@ -55,12 +55,20 @@ struct Summary {
     elapsed_s: f64,
     /// Wall clock of the first send, µs since the Unix epoch.
     start_us: i64,
+    /// Send → broker acknowledgement (delivery report), ms: the broker's part
+    /// of the relay's commit → ack latency.
+    ack_p50_ms: f64,
+    ack_p99_ms: f64,
+    ack_p999_ms: f64,
 }
 
 #[derive(Default)]
 struct Counts {
     delivered: AtomicU64,
     failed: AtomicU64,
+    /// Send → ack, µs, of every delivered record.
+    ack_us: std::sync::Mutex<Vec<u32>>,
+    began: std::sync::OnceLock<Instant>,
 }
 
 struct Ctx(Arc<Counts>);
@@ -68,10 +76,18 @@ struct Ctx(Arc<Counts>);
 impl ClientContext for Ctx {}
 
 impl ProducerContext for Ctx {
-    type DeliveryOpaque = ();
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+    /// Send time, µs since the producer began.
+    type DeliveryOpaque = usize;
+    fn delivery(&self, result: &DeliveryResult<'_>, sent_us: usize) {
         match result {
-            Ok(_) => self.0.delivered.fetch_add(1, Ordering::Relaxed),
+            Ok(_) => {
+                if let Some(began) = self.0.began.get() {
+                    let now = began.elapsed().as_micros() as usize;
+                    let mut v = self.0.ack_us.lock().unwrap_or_else(|p| p.into_inner());
+                    v.push(now.saturating_sub(sent_us).min(u32::MAX as usize) as u32);
+                }
+                self.0.delivered.fetch_add(1, Ordering::Relaxed)
+            }
             Err(_) => self.0.failed.fetch_add(1, Ordering::Relaxed),
         };
     }
@@ -88,6 +104,7 @@ pub fn main(args: RawArgs) -> Result<(), String> {
     let pad = pad(args.payload_bytes);
     let fixed_commit_time = format_commit_time(0);
     let began = Instant::now();
+    let _ = counts.began.set(began);
     let start_us = crate::load::now_micros();
     let paced = args.rate.map(|r| {
         let d = args.duration.unwrap_or(Duration::from_secs(10));
@@ -137,7 +154,8 @@ pub fn main(args: RawArgs) -> Result<(), String> {
                     key: HEADER_COMMIT_TIME,
                     value: Some(commit_time.as_str()),
                 });
-            let record = BaseRecord::to(&args.topic)
+            let sent_us = began.elapsed().as_micros() as usize;
+            let record = BaseRecord::with_opaque_to(&args.topic, sent_us)
                 .key(key.as_str())
                 .payload(payload.as_str())
                 .headers(headers);
@@ -161,7 +179,19 @@ pub fn main(args: RawArgs) -> Result<(), String> {
     }
     let elapsed_s = began.elapsed().as_secs_f64();
     let _ = producer.flush(Duration::from_secs(5));
+    let mut ack = std::mem::take(&mut *counts.ack_us.lock().unwrap_or_else(|p| p.into_inner()));
+    ack.sort_unstable();
+    let pct = |q: f64| -> f64 {
+        if ack.is_empty() {
+            return 0.0;
+        }
+        let i = ((ack.len() as f64 * q).ceil() as usize).clamp(1, ack.len()) - 1;
+        f64::from(ack[i]) / 1000.0
+    };
     let summary = Summary {
+        ack_p50_ms: pct(0.5),
+        ack_p99_ms: pct(0.99),
+        ack_p999_ms: pct(0.999),
         sent,
         start_us,
         delivered: counts.delivered.load(Ordering::Relaxed),

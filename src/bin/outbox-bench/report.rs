@@ -201,23 +201,28 @@ pub fn markdown(r: &Results) -> String {
                 "\nThe relay's share, apart from the broker's: commit → broker acknowledgement \
                  measured inside the relay (its `outbox_relay_end_to_end_latency_seconds` \
                  histogram, read before the window and after the drain; percentiles interpolated \
-                 within the 0.5/1/2.5/5/10/25 ms … buckets), beside the end-to-end p99 and the \
-                 broker floor's p99 at the same rate (producer → tansu → consumer, no relay).\n"
+                 within the 0.5/1/2.5/5/10/25 ms … buckets), beside the end-to-end p99, and the \
+                 broker floor at the same rate: the paced raw producer's exact send → ack p99 \
+                 (what tansu's produce path alone adds to the relay's ack latency) and its \
+                 producer → consumer p99.\n"
             );
             let _ = writeln!(
                 s,
-                "| rows/txn | rate/s | ack p50 ms | ack p99 ms | ack p99.9 ms | acked ≤ 10 ms | end-to-end p99 ms | broker floor p99 ms |\n|---|---|---|---|---|---|---|---|"
+                "| rows/txn | rate/s | ack p50 ms | ack p99 ms | ack p99.9 ms | acked ≤ 10 ms | end-to-end p99 ms | floor send → ack p99 ms | floor producer → consumer p99 ms |\n|---|---|---|---|---|---|---|---|---|"
             );
             for w in &relay {
                 let Some(a) = &w.relay_ack else { continue };
                 let floor = r
                     .steady
                     .iter()
-                    .find(|f| f.subject == "broker-floor" && f.target_rate == w.target_rate)
-                    .map_or("–".to_string(), |f| format!("{:.2}", f.latency.p99_ms));
+                    .find(|f| f.subject == "broker-floor" && f.target_rate == w.target_rate);
+                let floor_ack = floor
+                    .and_then(|f| f.relay_ack.as_ref())
+                    .map_or("–".to_string(), |a| format!("{:.2}", a.p99_ms));
+                let floor = floor.map_or("–".to_string(), |f| format!("{:.2}", f.latency.p99_ms));
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {:.2} | {:.2} | {:.2} | {:.1} % | {:.2} | {} |",
+                    "| {} | {} | {:.2} | {:.2} | {:.2} | {:.1} % | {:.2} | {} | {} |",
                     w.rows_per_txn,
                     w.target_rate,
                     a.p50_ms,
@@ -225,6 +230,7 @@ pub fn markdown(r: &Results) -> String {
                     a.p999_ms,
                     a.within_10ms_pct,
                     w.latency.p99_ms,
+                    floor_ack,
                     floor
                 );
             }

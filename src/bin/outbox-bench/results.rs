@@ -144,8 +144,9 @@ pub struct Window {
     /// Largest `pg_current_wal_lsn() - sent_lsn` seen: WAL the walsender had
     /// not sent yet (decoding behind).
     pub max_unsent_wal_bytes: u64,
-    /// Relay windows: commit → broker acknowledgement inside the relay (its
-    /// latency histogram), i.e. the relay's share without the consumer path.
+    /// Commit → broker acknowledgement: relay windows from the relay's own
+    /// latency histogram (its share, without the consumer path); broker-floor
+    /// windows the paced producer's exact send → ack (the broker's part).
     pub relay_ack: Option<BucketLatency>,
 }
 

@@ -192,6 +192,17 @@ pub async fn window(
             say!("  warning: no relay latency histogram: {e}");
             None
         }
+        // The paced producer measured send → ack exactly: the broker's part.
+        (_, Subject::BrokerFloor) => std::fs::read(ctx.scratch_path("floor.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .map(|v| BucketLatency {
+                samples: v["delivered"].as_f64().unwrap_or(0.0),
+                p50_ms: v["ack_p50_ms"].as_f64().unwrap_or(0.0),
+                p99_ms: v["ack_p99_ms"].as_f64().unwrap_or(0.0),
+                p999_ms: v["ack_p999_ms"].as_f64().unwrap_or(0.0),
+                within_10ms_pct: f64::NAN,
+            }),
         _ => None,
     };
     let (walsender, max_unsent_wal_bytes) = match walsender {
