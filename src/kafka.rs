@@ -11,8 +11,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
@@ -100,7 +99,41 @@ pub struct SinkContext {
     events: mpsc::UnboundedSender<SinkEvent>,
 }
 
+/// librdkafka's own log lines at our levels. Its `err` level is mostly about
+/// connections (refused, reset, timed out) that it retries by itself, and
+/// what that costs reaches the relay as delivery reports, so it logs at WARN:
+/// ERROR is for what needs a human.
+fn log_librdkafka(level: RDKafkaLogLevel, fac: &str, message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical => {
+            tracing::error!(target: "librdkafka", facility = fac, "{message}")
+        }
+        RDKafkaLogLevel::Error | RDKafkaLogLevel::Warning => {
+            tracing::warn!(target: "librdkafka", facility = fac, "{message}")
+        }
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+            tracing::info!(target: "librdkafka", facility = fac, "{message}")
+        }
+        RDKafkaLogLevel::Debug => {
+            tracing::debug!(target: "librdkafka", facility = fac, "{message}")
+        }
+    }
+}
+
+/// The admin client's context: only its log levels differ from the default.
+pub struct AdminContext;
+
+impl ClientContext for AdminContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        log_librdkafka(level, fac, message);
+    }
+}
+
 impl ClientContext for SinkContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        log_librdkafka(level, fac, message);
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         if matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal)) {
             let _ = self
@@ -130,7 +163,7 @@ impl ProducerContext for SinkContext {
 /// The producer plus the receiving end of its reports.
 pub struct KafkaSink {
     producer: ThreadedProducer<SinkContext>,
-    admin: AdminClient<DefaultClientContext>,
+    admin: AdminClient<AdminContext>,
     events: mpsc::UnboundedReceiver<SinkEvent>,
     create_topics: bool,
     partitions: i32,
@@ -193,8 +226,9 @@ impl KafkaSink {
         let producer: ThreadedProducer<SinkContext> = cfg
             .create_with_context(SinkContext { events: tx })
             .map_err(KafkaSinkError::Create)?;
-        let admin: AdminClient<DefaultClientContext> =
-            cfg.create().map_err(KafkaSinkError::Create)?;
+        let admin: AdminClient<AdminContext> = cfg
+            .create_with_context(AdminContext)
+            .map_err(KafkaSinkError::Create)?;
         Ok(KafkaSink {
             producer,
             admin,
