@@ -41,6 +41,10 @@ pub struct RawArgs {
     pub rate: Option<f64>,
     #[arg(long, value_parser = humantime::parse_duration)]
     pub duration: Option<std::time::Duration>,
+    /// Paced mode: send → ack figures count only records sent after this
+    /// (the first idempotent produce waits for a producer id).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub warmup: Option<std::time::Duration>,
     /// Extra librdkafka property (repeatable), as the relay gets it.
     #[arg(long = "property", value_name = "KEY=VALUE", value_parser = outbox_relay::cli::parse_kafka_property)]
     pub properties: Vec<(String, String)>,
@@ -76,12 +80,13 @@ struct Ctx(Arc<Counts>);
 impl ClientContext for Ctx {}
 
 impl ProducerContext for Ctx {
-    /// Send time, µs since the producer began.
+    /// Send time, µs since the producer began, or `usize::MAX` when the
+    /// record's ack latency is not counted (warm-up).
     type DeliveryOpaque = usize;
     fn delivery(&self, result: &DeliveryResult<'_>, sent_us: usize) {
         match result {
             Ok(_) => {
-                if let Some(began) = self.0.began.get() {
+                if let (Some(began), true) = (self.0.began.get(), sent_us != usize::MAX) {
                     let now = began.elapsed().as_micros() as usize;
                     let mut v = self.0.ack_us.lock().unwrap_or_else(|p| p.into_inner());
                     v.push(now.saturating_sub(sent_us).min(u32::MAX as usize) as u32);
@@ -105,6 +110,7 @@ pub fn main(args: RawArgs) -> Result<(), String> {
     let fixed_commit_time = format_commit_time(0);
     let began = Instant::now();
     let _ = counts.began.set(began);
+    let ack_from_us = args.warmup.unwrap_or_default().as_micros() as usize;
     let start_us = crate::load::now_micros();
     let paced = args.rate.map(|r| {
         let d = args.duration.unwrap_or(Duration::from_secs(10));
@@ -154,7 +160,10 @@ pub fn main(args: RawArgs) -> Result<(), String> {
                     key: HEADER_COMMIT_TIME,
                     value: Some(commit_time.as_str()),
                 });
-            let sent_us = began.elapsed().as_micros() as usize;
+            let sent_us = match began.elapsed().as_micros() as usize {
+                t if paced.is_some() && t < ack_from_us => usize::MAX,
+                t => t,
+            };
             let record = BaseRecord::with_opaque_to(&args.topic, sent_us)
                 .key(key.as_str())
                 .payload(payload.as_str())

@@ -125,6 +125,8 @@ pub async fn window(
             rate.to_string(),
             "--duration".into(),
             format!("{}ms", (s.warmup + measure).as_millis()),
+            "--warmup".into(),
+            format!("{}ms", s.warmup.as_millis()),
             "--summary".into(),
             path_str(&summary),
         ];
