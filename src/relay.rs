@@ -5,9 +5,11 @@
 //! run ─► session ─► loop { select! biased:
 //!          1. shutdown        stop intake, drain in-flight records (bounded)
 //!          2. delivery report ack the record in the tracker, free the window
+//!                             (and every report already waiting: a burst)
 //!          3. status timer    send written/flushed to PostgreSQL (+ ask for a keepalive)
 //!          4. queue-full retry
 //!          5. intake          next replication message, only while the window has room
+//!                             (and the frames the same read already buffered)
 //!        }
 //!      ◄─ on error: disposition → retry from the slot with jittered backoff, or stop
 //! ```
@@ -17,7 +19,9 @@
 //! window and move the flush LSN) always win over reading more, which is what
 //! keeps memory bounded; the timer before intake so status updates keep going
 //! while the window is full or the broker is slow (otherwise the walsender
-//! times out after `wal_sender_timeout`).
+//! times out after `wal_sender_timeout`). A burst is capped at [`BURST`]
+//! messages so the branches above it are looked at again soon; metrics that
+//! take a lock are tallied per burst, not per record.
 
 use std::collections::HashSet;
 use std::sync::Arc;
