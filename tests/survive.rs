@@ -356,3 +356,113 @@ async fn a_stale_holder_is_terminated_when_asked() {
     unsafe { libc::kill(first.pid() as i32, libc::SIGCONT) };
     first.kill9();
 }
+
+/// How long the busy-database run lasts.
+const BUSY_RUN: Duration = Duration::from_secs(120);
+
+/// Idle outbox, busy database, for minutes (issue #4): the WAL the slot retains
+/// stays flat. Retained WAL is what PostgreSQL keeps for the slot, measured
+/// from its `restart_lsn` (which moves only when the relay's confirmations pass
+/// the decoder's restart points), not only from `confirmed_flush_lsn`.
+async fn idle_outbox_busy_database_retains_flat_wal(version: PgVersion) {
+    let env = Env::new(version).await;
+    let client = env.client().await;
+    let mut relay = env.relay();
+    env.wait_streaming(&mut relay).await;
+    client
+        .batch_execute("CREATE TABLE busy(id bigserial primary key, v text)")
+        .await
+        .unwrap();
+    let start = lsn_to_u64(&current_wal_lsn(&client).await);
+    let began = Instant::now();
+    let mut last_sample = Instant::now() - Duration::from_secs(10);
+    // (seconds, WAL written so far, retained from restart_lsn, from confirmed_flush), bytes.
+    let mut samples: Vec<(u64, u64, u64, u64)> = Vec::new();
+    while began.elapsed() < BUSY_RUN {
+        // About 1 MB of WAL per second on a table the publication does not carry.
+        client
+            .batch_execute(
+                "INSERT INTO busy(v) SELECT repeat('w', 200) FROM generate_series(1, 400)",
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if last_sample.elapsed() >= Duration::from_secs(5) {
+            last_sample = Instant::now();
+            let row = client
+                .query_one(
+                    "SELECT pg_current_wal_lsn()::text, restart_lsn::text, confirmed_flush_lsn::text \
+                     FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&env.slot],
+                )
+                .await
+                .unwrap();
+            let now = lsn_to_u64(row.get(0));
+            let restart = lsn_to_u64(row.get(1));
+            let confirmed = lsn_to_u64(row.get(2));
+            samples.push((
+                began.elapsed().as_secs(),
+                now - start,
+                now - restart,
+                now - confirmed,
+            ));
+        }
+    }
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    for (t, written, by_restart, by_confirmed) in &samples {
+        eprintln!(
+            "[busy PG{}] {t:>4} s: written {:>6.1} MiB, retained {:>5.1} MiB (restart_lsn), {:>5.2} MiB (confirmed)",
+            version.major(),
+            mib(*written),
+            mib(*by_restart),
+            mib(*by_confirmed)
+        );
+    }
+    let written = samples.last().unwrap().1;
+    assert!(
+        written > 64 << 20,
+        "the load wrote enough WAL: {:.1} MiB",
+        mib(written)
+    );
+    // Flat: what the slot holds back stays bounded while the database writes on;
+    // it does not follow what was written. PostgreSQL moves restart_lsn at its
+    // running-transactions records (every 15 s on a busy server), so allow a
+    // few such periods of WAL, far below what was written.
+    let worst_restart = samples.iter().map(|s| s.2).max().unwrap();
+    let worst_confirmed = samples.iter().map(|s| s.3).max().unwrap();
+    assert!(
+        worst_restart < 48 << 20 && worst_restart < written / 2,
+        "retained WAL grew to {:.1} MiB of {:.1} MiB written",
+        mib(worst_restart),
+        mib(written)
+    );
+    assert!(
+        worst_confirmed < 4 << 20,
+        "the confirmed position lagged {:.1} MiB",
+        mib(worst_confirmed)
+    );
+    // And no upward trend: the last third holds back no more than the first
+    // two thirds' worst plus one period's worth.
+    let cut = samples.len() * 2 / 3;
+    let early = samples[..cut].iter().map(|s| s.2).max().unwrap();
+    let late = samples[cut..].iter().map(|s| s.2).max().unwrap();
+    assert!(
+        late <= early + (16 << 20),
+        "retained WAL trends up: {:.1} MiB late vs {:.1} MiB early",
+        mib(late),
+        mib(early)
+    );
+    assert!(relay.is_running(), "{}", relay.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "2 minutes: cargo test --test survive -- --ignored --nocapture idle_outbox"]
+async fn idle_outbox_busy_database_for_minutes_pg15() {
+    idle_outbox_busy_database_retains_flat_wal(PgVersion::V15).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "2 minutes: cargo test --test survive -- --ignored --nocapture idle_outbox"]
+async fn idle_outbox_busy_database_for_minutes_pg17() {
+    idle_outbox_busy_database_retains_flat_wal(PgVersion::V17).await;
+}
