@@ -196,3 +196,53 @@ async fn finish_after_server_went_away() {
     assert_eq!(stream.next_message().await.unwrap(), None);
     stream.finish(Duration::from_secs(5)).await.unwrap();
 }
+
+#[tokio::test]
+async fn buffered_frames_are_taken_without_waiting_and_never_lost() {
+    let (mut stream, mut server) = stream_pair();
+    // Three whole frames and half of a fourth arrive in one write.
+    let fourth = xlog_frame(0x400, 0x400, b"Cfour");
+    let mut wire = xlog_frame(0x100, 0x100, b"Bone");
+    wire.extend(frame(b'N', b"SNOTICE\0VNOTICE\0C00000\0Mskipped\0\0"));
+    wire.extend(xlog_frame(0x200, 0x200, b"Itwo"));
+    wire.extend(keepalive_frame(0x300, false));
+    wire.extend(&fourth[..7]);
+    server.write_all(&wire).await.unwrap();
+
+    let wal_end = |m: ReplicationMessage| match m {
+        ReplicationMessage::XLogData { wal_end, .. } => wal_end,
+        ReplicationMessage::Keepalive { wal_end, .. } => wal_end,
+    };
+    // The first comes through the socket read, the rest from its buffer.
+    assert_eq!(
+        wal_end(stream.next_message().await.unwrap().unwrap()),
+        Lsn(0x100)
+    );
+    assert_eq!(
+        wal_end(stream.try_next_buffered().unwrap().unwrap()),
+        Lsn(0x200)
+    );
+    assert_eq!(
+        wal_end(stream.try_next_buffered().unwrap().unwrap()),
+        Lsn(0x300)
+    );
+    // Half a frame is not a message; it stays buffered for the next read.
+    assert_eq!(stream.try_next_buffered().unwrap(), None);
+    assert_eq!(stream.try_next_buffered().unwrap(), None);
+    server.write_all(&fourth[7..]).await.unwrap();
+    assert_eq!(
+        wal_end(stream.next_message().await.unwrap().unwrap()),
+        Lsn(0x400)
+    );
+
+    // CopyDone seen from the buffer ends the stream for both paths.
+    let mut wire = xlog_frame(0x500, 0x500, b"Ifive");
+    wire.extend(frame(b'c', b""));
+    server.write_all(&wire).await.unwrap();
+    assert_eq!(
+        wal_end(stream.next_message().await.unwrap().unwrap()),
+        Lsn(0x500)
+    );
+    assert_eq!(stream.try_next_buffered().unwrap(), None);
+    assert_eq!(stream.next_message().await.unwrap(), None);
+}

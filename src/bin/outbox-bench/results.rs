@@ -221,3 +221,44 @@ pub struct Target {
     pub measured: String,
     pub met: Option<bool>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::BucketLatency;
+
+    #[test]
+    fn bucket_percentiles_come_from_the_window_only() {
+        // Before the window: 100 records, all within 1 ms.
+        let a = [
+            (0.001, 100.0),
+            (0.01, 100.0),
+            (0.1, 100.0),
+            (f64::INFINITY, 100.0),
+        ];
+        // During it: 90 more within 1 ms, 9 in (1, 10] ms, 1 in (10, 100] ms.
+        let b = [
+            (0.001, 190.0),
+            (0.01, 199.0),
+            (0.1, 200.0),
+            (f64::INFINITY, 200.0),
+        ];
+        let l = BucketLatency::between(&a, &b);
+        assert_eq!(l.samples, 100.0);
+        assert!((l.within_10ms_pct - 99.0).abs() < 1e-9, "{l:?}");
+        // p50: 50 of 90 into the first bucket.
+        assert!((l.p50_ms - 50.0 / 90.0).abs() < 1e-9, "{l:?}");
+        // p99: the 99th record is the last of the (1, 10] ms bucket.
+        assert!((l.p99_ms - 10.0).abs() < 1e-9, "{l:?}");
+        // p99.9 lies in (10, 100] ms: 0.9 of the way through it.
+        assert!((l.p999_ms - 91.0).abs() < 1e-6, "{l:?}");
+    }
+
+    #[test]
+    fn beyond_the_last_bound_reports_its_floor_and_empty_is_zero() {
+        let a = [(0.01, 0.0), (f64::INFINITY, 0.0)];
+        let b = [(0.01, 0.0), (f64::INFINITY, 5.0)];
+        assert_eq!(BucketLatency::between(&a, &b).p99_ms, 10.0);
+        let empty = BucketLatency::between(&a, &a);
+        assert_eq!((empty.samples, empty.p99_ms), (0.0, 0.0));
+    }
+}
