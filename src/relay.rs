@@ -111,8 +111,13 @@ pub enum RelayError {
     Unexpected(&'static str),
     #[error("PostgreSQL ended the replication stream")]
     StreamEnded,
-    #[error("poison row ({class}): {reason}. The relay stops rather than skip it; fix the row or the mapping, or set --dead-letter-topic to divert such rows (policy dead-letter)")]
-    Poison { class: &'static str, reason: String },
+    #[error("poison row ({class}): {reason}. The relay stops rather than skip it; fix the row or the mapping, or {divert}")]
+    Poison {
+        class: &'static str,
+        reason: String,
+        /// How to divert such rows instead, given what is configured.
+        divert: String,
+    },
     #[error("--start-lsn {start} is below slot {slot:?}'s confirmed position {confirmed}: PostgreSQL cannot rewind a logical slot, and everything below {confirmed} was already delivered. To re-publish older events use a bookmark (outbox-relay bookmark create, then replay --from-bookmark) or table replay (replay --from-id/--from-time)")]
     StartBelowConfirmed {
         start: Lsn,
@@ -1003,7 +1008,18 @@ impl Session<'_> {
             .as_deref()
             .filter(|_| policy == PoisonPolicy::DeadLetter)
         else {
-            return Err(RelayError::Poison { class, reason });
+            let divert = match self.cfg.relay.dead_letter_topic.as_deref() {
+                // A dead-letter topic is set, but this class's policy is stop.
+                Some(topic) => format!(
+                    "set --poison-policy {class}=dead-letter to send such rows to {topic:?}"
+                ),
+                None => "set --dead-letter-topic to divert such rows (policy dead-letter)".into(),
+            };
+            return Err(RelayError::Poison {
+                class,
+                reason,
+                divert,
+            });
         };
         let id = self.mapper.row_id(ins);
         // A too-large row would be too large in the dead-letter topic as well:

@@ -217,6 +217,10 @@ async fn an_invalid_payload_stops_the_relay_under_its_stop_policy_until_the_poli
         "names the row: {log}"
     );
     assert!(log.contains("payload_format"), "names the fix: {log}");
+    assert!(
+        log.contains("--poison-policy invalid_payload=dead-letter"),
+        "names the policy that diverts it, the dead-letter topic being set: {log}"
+    );
     let confirmed = env.confirmed(&client).await;
     assert!(
         confirmed <= before_poison + 1024,
