@@ -132,13 +132,8 @@ impl MappingError {
     /// True when the error is about one row's content (a poison row) rather
     /// than about the table's shape or the protocol.
     pub fn is_poison(&self) -> bool {
-        matches!(
-            self,
-            MappingError::NullColumn { .. }
-                | MappingError::BadValue { .. }
-                | MappingError::InvalidPayload { .. }
-                | MappingError::InvalidTopic { .. }
-        )
+        // Every class but the table's shape (the list lives in `poison_class`).
+        self.poison_class().is_some() && !matches!(self, MappingError::MissingColumn { .. })
     }
 }
 

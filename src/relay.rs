@@ -508,8 +508,6 @@ impl Relay {
             known_topics: HashSet::new(),
             warned_tables: HashSet::new(),
             last_status: Instant::now(),
-            burst_acks: 0,
-            burst_now: None,
             burst_produced: None,
         };
         session.run(&mut stream, sink, &self.shutdown).await?;
@@ -651,9 +649,8 @@ struct Session<'a> {
     known_topics: HashSet<Arc<str>>,
     warned_tables: HashSet<String>,
     last_status: Instant,
-    /// Per-burst metric tallies (see `after_acks` / `after_intake`).
-    burst_acks: u64,
-    burst_now: Option<SystemTime>,
+    /// Records handed to the producer in the current burst, for the metrics
+    /// (see `after_intake`): topic, records, bytes.
     burst_produced: Option<(Arc<str>, u64, u64)>,
 }
 
@@ -714,14 +711,16 @@ impl Session<'_> {
                 }
                 event = sink.next_event() => {
                     let event = event.expect("the sink's sender lives as long as the sink");
-                    self.on_sink_event(event)?;
                     // Reports come in bursts (one per record of a produce
-                    // batch): take what is already there in this wake-up.
+                    // batch): take what is already there in this wake-up,
+                    // with one clock reading for all of them.
+                    let now = SystemTime::now();
+                    let mut acked = u64::from(self.on_sink_event(event, now)?);
                     for _ in 1..BURST {
                         let Some(event) = sink.try_next_event() else { break };
-                        self.on_sink_event(event)?;
+                        acked += u64::from(self.on_sink_event(event, now)?);
                     }
-                    self.after_acks();
+                    self.after_acks(acked);
                 }
                 _ = status.tick() => {
                     if last_heard.elapsed() > SERVER_SILENCE_TIMEOUT {
@@ -767,15 +766,13 @@ impl Session<'_> {
     }
 
     /// Metrics of a burst of delivery reports, once per burst.
-    fn after_acks(&mut self) {
-        if self.burst_acks > 0 {
-            self.metrics
-                .records_acked(std::mem::take(&mut self.burst_acks));
+    fn after_acks(&mut self, acked: u64) {
+        if acked > 0 {
+            self.metrics.records_acked(acked);
             self.metrics.acked_lsn(self.tracker.flushed());
         }
         self.metrics
             .in_flight(self.window.records, self.window.bytes);
-        self.burst_now = None;
     }
 
     /// Metrics of a burst of replication messages, once per burst.
@@ -792,38 +789,37 @@ impl Session<'_> {
         }
     }
 
-    fn on_sink_event(&mut self, event: SinkEvent) -> Result<(), RelayError> {
+    /// One producer report, received at `now`; `Ok(true)` when it acknowledged
+    /// a record of this session.
+    fn on_sink_event(&mut self, event: SinkEvent, now: SystemTime) -> Result<bool, RelayError> {
         match event {
             SinkEvent::Delivered(token) => {
                 if token.generation != self.generation {
-                    return Ok(()); // a report from before the last reconnect
+                    return Ok(false); // a report from before the last reconnect
                 }
                 self.window.records -= 1;
                 self.window.bytes -= token.bytes;
                 self.tracker.ack(token.txn)?;
-                // One clock reading per burst: the reports of a burst arrived together.
-                let now = *self.burst_now.get_or_insert_with(SystemTime::now);
                 self.metrics
                     .ack_latency(latency_since_commit(token.commit_time, now));
-                self.burst_acks += 1;
+                Ok(true)
             }
             SinkEvent::Failed(token, error) => {
                 if token.generation != self.generation {
-                    return Ok(());
+                    return Ok(false);
                 }
                 let class = error
                     .rdkafka_error_code()
                     .map(|c| format!("{c:?}"))
                     .unwrap_or_else(|| "other".to_string());
                 self.metrics.delivery_error(&class);
-                return Err(RelayError::Delivery {
+                Err(RelayError::Delivery {
                     topic: String::from("(see producer log)"),
                     error: error.to_string(),
-                });
+                })
             }
-            SinkEvent::Fatal(reason) => return Err(RelayError::ProducerFatal(reason)),
+            SinkEvent::Fatal(reason) => Err(RelayError::ProducerFatal(reason)),
         }
-        Ok(())
     }
 
     async fn send_status(

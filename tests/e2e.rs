@@ -174,13 +174,7 @@ async fn kill_9_mid_stream_loses_nothing(version: PgVersion) {
 
 async fn idle_outbox_busy_database_keeps_slot_advancing(version: PgVersion) {
     let env = Env::new(version).await;
-    let client = env.client().await;
-    let mut relay = env.relay();
-    env.wait_streaming(&mut relay).await;
-    client
-        .batch_execute("CREATE TABLE busy(id bigserial primary key, v text)")
-        .await
-        .unwrap();
+    let (client, _relay) = env.streaming_beside_busy_table().await;
     let first = env.confirmed(&client).await;
     // Several MB of WAL on a table the publication does not carry.
     for _ in 0..20 {

@@ -370,13 +370,7 @@ const BUSY_RUN: Duration = Duration::from_secs(120);
 /// the decoder's restart points), not only from `confirmed_flush_lsn`.
 async fn idle_outbox_busy_database_retains_flat_wal(version: PgVersion) {
     let env = Env::new(version).await;
-    let client = env.client().await;
-    let mut relay = env.relay();
-    env.wait_streaming(&mut relay).await;
-    client
-        .batch_execute("CREATE TABLE busy(id bigserial primary key, v text)")
-        .await
-        .unwrap();
+    let (client, mut relay) = env.streaming_beside_busy_table().await;
     let start = lsn_to_u64(&current_wal_lsn(&client).await);
     let began = Instant::now();
     let mut last_sample = Instant::now() - Duration::from_secs(10);

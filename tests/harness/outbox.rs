@@ -74,6 +74,19 @@ impl Env {
             .unwrap_or(0)
     }
 
+    /// A streaming relay, and a table `busy` the publication does not carry
+    /// (for the idle-outbox, busy-database runs).
+    pub async fn streaming_beside_busy_table(&self) -> (tokio_postgres::Client, RelayProcess) {
+        let client = self.client().await;
+        let mut relay = self.relay();
+        self.wait_streaming(&mut relay).await;
+        client
+            .batch_execute("CREATE TABLE busy(id bigserial primary key, v text)")
+            .await
+            .unwrap();
+        (client, relay)
+    }
+
     /// Wait until the relay created its slot and is streaming.
     pub async fn wait_streaming(&self, relay: &mut RelayProcess) {
         relay.wait_for_log("streaming", DEADLINE).await;

@@ -51,7 +51,7 @@ pub fn targets(r: &Results) -> Vec<Target> {
                 measured,
                 met: Some(w.latency.p99_ms <= limit && w.missing == 0 && w.latency.samples > 0),
             });
-            if let Some(a) = &w.relay_ack {
+            if let Some(a) = &w.ack {
                 out.push(Target {
                     what: format!(
                         "… the relay's share: p99 commit → broker ack at {}k/s, {} row(s)/txn",
@@ -195,7 +195,7 @@ pub fn markdown(r: &Results) -> String {
             latency_row(&mut s, w);
         }
         let relay: Vec<&Window> = r.steady.iter().filter(|w| w.subject == "relay").collect();
-        if relay.iter().any(|w| w.relay_ack.is_some()) {
+        if relay.iter().any(|w| w.ack.is_some()) {
             let _ = writeln!(
                 s,
                 "\nThe relay's share, apart from the broker's: commit → broker acknowledgement \
@@ -211,13 +211,13 @@ pub fn markdown(r: &Results) -> String {
                 "| rows/txn | rate/s | ack p50 ms | ack p99 ms | ack p99.9 ms | acked ≤ 10 ms | end-to-end p99 ms | floor send → ack p99 ms | floor producer → consumer p99 ms |\n|---|---|---|---|---|---|---|---|---|"
             );
             for w in &relay {
-                let Some(a) = &w.relay_ack else { continue };
+                let Some(a) = &w.ack else { continue };
                 let floor = r
                     .steady
                     .iter()
                     .find(|f| f.subject == "broker-floor" && f.target_rate == w.target_rate);
                 let floor_ack = floor
-                    .and_then(|f| f.relay_ack.as_ref())
+                    .and_then(|f| f.ack.as_ref())
                     .map_or("–".to_string(), |a| format!("{:.2}", a.p99_ms));
                 let floor = floor.map_or("–".to_string(), |f| format!("{:.2}", f.latency.p99_ms));
                 let _ = writeln!(

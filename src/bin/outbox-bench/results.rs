@@ -147,7 +147,7 @@ pub struct Window {
     /// Commit → broker acknowledgement: relay windows from the relay's own
     /// latency histogram (its share, without the consumer path); broker-floor
     /// windows the paced producer's exact send → ack (the broker's part).
-    pub relay_ack: Option<BucketLatency>,
+    pub ack: Option<BucketLatency>,
 }
 
 /// Percentiles estimated from the deltas of a cumulative histogram (linear

@@ -182,7 +182,7 @@ pub async fn window(
     // The relay's share: commit → broker acknowledgement, from its own
     // histogram, over the records it acknowledged from the window's start to
     // the end of the drain.
-    let relay_ack = match (ack_a.into_inner(), &*subject) {
+    let ack = match (ack_a.into_inner(), &*subject) {
         (Some(Ok(a)), Subject::Relay(_)) => match relay_ack_buckets(ctx.relay_http_port.get()) {
             Ok(b) => Some(BucketLatency::between(&a, &b)),
             Err(e) => {
@@ -284,7 +284,7 @@ pub async fn window(
         machine: d.machine,
         walsender,
         max_unsent_wal_bytes,
-        relay_ack,
+        ack,
     };
     say!(
         "  achieved {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms, missing {}",
