@@ -224,6 +224,39 @@ fn signal(child: &Child, sig: libc::c_int) {
     }
 }
 
+/// After SIGSTOP: wait (bounded) until every thread of `pid` is in the stopped
+/// state. kill(2) returns once the signal is queued; a thread running on
+/// another CPU stops only when it next returns to user mode, which on a VM
+/// whose vCPU is descheduled can be milliseconds later: long enough to answer a
+/// request sent right after `pause` (seen: a produce acknowledged "while paused").
+fn wait_all_threads_stopped(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let state = |stat: &str| {
+        // "pid (comm) S ...": the state follows the last ')'.
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+    };
+    loop {
+        let all_stopped = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|tasks| {
+                tasks.flatten().all(|t| {
+                    std::fs::read_to_string(t.path().join("stat"))
+                        .ok()
+                        .and_then(|s| state(&s))
+                        .map_or(true, |c| c == 'T' || c == 't')
+                })
+            })
+            .unwrap_or(true);
+        if all_stopped || Instant::now() > deadline {
+            if !all_stopped {
+                eprintln!("[harness] process {pid} did not stop within 2 s of SIGSTOP");
+            }
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Waits for `child` to exit; `None` after `timeout`.
 fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + timeout;
@@ -971,6 +1004,7 @@ impl Broker {
     pub fn pause(&mut self) {
         let child = self.child.as_ref().expect("pause: tansu is not running");
         signal(child, libc::SIGSTOP);
+        wait_all_threads_stopped(child.id());
         self.paused = true;
     }
 
