@@ -1,0 +1,426 @@
+//! One streaming session: the loop that owns the stream, the producer handle and the ack tracker.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+
+use crate::ack::{AckError, AckTracker};
+use crate::config::{Config, PoisonPolicy};
+use crate::kafka::{DeliveryToken, KafkaSink, KafkaSinkError, SinkEvent};
+use crate::lsn::Lsn;
+use crate::metrics::{latency_since_commit, Metrics};
+use crate::outbox::{Mapped, OutboxMapper, OutboxRecord, TxnInfo};
+use crate::pgoutput::{Decoder, Insert, Message};
+use crate::replication::{ReplicationMessage, ReplicationStream};
+
+use super::{
+    RelayError, StreamOptions, Window, BURST, HEADER_REPLAY, QUEUE_FULL_RETRY,
+    SERVER_SILENCE_TIMEOUT,
+};
+
+/// State of one streaming session.
+pub(super) struct Session<'a> {
+    pub(super) cfg: &'a Config,
+    pub(super) opts: &'a StreamOptions,
+    /// With `confirm` off, the position status updates keep reporting.
+    pub(super) hold_at: Lsn,
+    /// The end position was reached: drain and stop.
+    pub(super) finished: bool,
+    pub(super) metrics: &'a Metrics,
+    pub(super) generation: u64,
+    pub(super) tracker: AckTracker,
+    pub(super) mapper: OutboxMapper,
+    pub(super) decoder: Decoder,
+    pub(super) window: Window,
+    pub(super) txn: Option<TxnInfo>,
+    /// A record librdkafka's queue refused, retried before reading more.
+    pub(super) queued: Option<(OutboxRecord, DeliveryToken)>,
+    pub(super) known_topics: HashSet<Arc<str>>,
+    pub(super) warned_tables: HashSet<String>,
+    pub(super) last_status: Instant,
+    /// Records handed to the producer in the current burst, for the metrics
+    /// (see `after_intake`): topic, records, bytes.
+    pub(super) burst_produced: Option<(Arc<str>, u64, u64)>,
+}
+
+impl Session<'_> {
+    pub(super) async fn run(
+        &mut self,
+        stream: &mut ReplicationStream,
+        sink: &mut KafkaSink,
+        shutdown: &CancellationToken,
+    ) -> Result<(), RelayError> {
+        let relay_cfg = &self.cfg.relay;
+        let mut status = tokio::time::interval(self.cfg.postgres.status_interval);
+        status.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut draining: Option<tokio::time::Instant> = None;
+        let mut last_heard = Instant::now();
+
+        loop {
+            if self.finished && draining.is_none() {
+                tracing::info!(end = ?self.opts.end_lsn, "end position reached: draining");
+                self.queued = None;
+                draining = Some(tokio::time::Instant::now() + relay_cfg.shutdown_timeout);
+            }
+            if let Some(deadline) = draining {
+                if self.tracker.pending_records() == 0 {
+                    break;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    if self.finished {
+                        // A replay must not report success with records unacknowledged.
+                        return Err(RelayError::Delivery {
+                            topic: "(replay)".into(),
+                            error: format!(
+                                "{} records still unacknowledged at the end position",
+                                self.tracker.pending_records()
+                            ),
+                        });
+                    }
+                    tracing::warn!(
+                        pending = self.tracker.pending_records(),
+                        "shutdown deadline reached with records unacknowledged; they will be sent again on the next start"
+                    );
+                    break;
+                }
+            }
+            let intake = draining.is_none() && self.queued.is_none() && self.window_has_room();
+            if !intake {
+                // Not reading: the server's silence is ours, not its.
+                last_heard = Instant::now();
+            }
+            let drain_deadline = draining.unwrap_or_else(tokio::time::Instant::now);
+
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled(), if draining.is_none() => {
+                    tracing::info!(pending = self.tracker.pending_records(), "shutting down: draining in-flight records");
+                    self.queued = None;
+                    draining = Some(tokio::time::Instant::now() + relay_cfg.shutdown_timeout);
+                }
+                event = sink.next_event() => {
+                    let event = event.expect("the sink's sender lives as long as the sink");
+                    // Reports come in bursts (one per record of a produce
+                    // batch): take what is already there in this wake-up,
+                    // with one clock reading for all of them.
+                    let now = SystemTime::now();
+                    let mut acked = u64::from(self.on_sink_event(event, now)?);
+                    for _ in 1..BURST {
+                        let Some(event) = sink.try_next_event() else { break };
+                        acked += u64::from(self.on_sink_event(event, now)?);
+                    }
+                    self.after_acks(acked);
+                }
+                _ = status.tick() => {
+                    if last_heard.elapsed() > SERVER_SILENCE_TIMEOUT {
+                        return Err(RelayError::ServerSilent(last_heard.elapsed()));
+                    }
+                    self.send_status(stream, true).await?;
+                }
+                _ = tokio::time::sleep(QUEUE_FULL_RETRY), if self.queued.is_some() && draining.is_none() => {
+                    let (record, token) = self.queued.take().expect("guarded by the branch condition");
+                    self.send_record(sink, record, token)?;
+                    self.flush_produced();
+                }
+                _ = tokio::time::sleep_until(drain_deadline), if draining.is_some() => {}
+                msg = stream.next_message(), if intake => {
+                    last_heard = Instant::now();
+                    match msg? {
+                        Some(msg) => self.on_replication_message(msg, stream, sink).await?,
+                        None => return Err(RelayError::StreamEnded),
+                    }
+                    // One socket read holds many frames during catch-up: handle
+                    // the buffered ones now, while the window has room, instead
+                    // of one select! round (and its timers) per frame.
+                    for _ in 1..BURST {
+                        if self.finished || self.queued.is_some() || !self.window_has_room() {
+                            break;
+                        }
+                        let Some(msg) = stream.try_next_buffered()? else { break };
+                        self.on_replication_message(msg, stream, sink).await?;
+                    }
+                    self.after_intake();
+                }
+            }
+        }
+        // Final status update: everything acknowledged so far is confirmed.
+        self.send_status(stream, false).await?;
+        tracing::info!(flushed = %self.tracker.flushed(), "final status update sent");
+        Ok(())
+    }
+
+    fn window_has_room(&self) -> bool {
+        self.window.records < self.cfg.relay.max_in_flight_records
+            && self.window.bytes < self.cfg.relay.max_in_flight_bytes
+    }
+
+    /// Metrics of a burst of delivery reports, once per burst.
+    fn after_acks(&mut self, acked: u64) {
+        if acked > 0 {
+            self.metrics.records_acked(acked);
+            self.metrics.acked_lsn(self.tracker.flushed());
+        }
+        self.metrics
+            .in_flight(self.window.records, self.window.bytes);
+    }
+
+    /// Metrics of a burst of replication messages, once per burst.
+    fn after_intake(&mut self) {
+        self.flush_produced();
+        self.metrics.received_lsn(self.tracker.received());
+        self.metrics
+            .in_flight(self.window.records, self.window.bytes);
+    }
+
+    fn flush_produced(&mut self) {
+        if let Some((topic, records, bytes)) = self.burst_produced.take() {
+            self.metrics.records_produced(&topic, records, bytes);
+        }
+    }
+
+    /// One producer report, received at `now`; `Ok(true)` when it acknowledged
+    /// a record of this session.
+    fn on_sink_event(&mut self, event: SinkEvent, now: SystemTime) -> Result<bool, RelayError> {
+        match event {
+            SinkEvent::Delivered(token) => {
+                if token.generation != self.generation {
+                    return Ok(false); // a report from before the last reconnect
+                }
+                self.window.records -= 1;
+                self.window.bytes -= token.bytes;
+                self.tracker.ack(token.txn)?;
+                self.metrics
+                    .ack_latency(latency_since_commit(token.commit_time, now));
+                Ok(true)
+            }
+            SinkEvent::Failed(token, error) => {
+                if token.generation != self.generation {
+                    return Ok(false);
+                }
+                let class = error
+                    .rdkafka_error_code()
+                    .map(|c| format!("{c:?}"))
+                    .unwrap_or_else(|| "other".to_string());
+                self.metrics.delivery_error(&class);
+                Err(RelayError::Delivery {
+                    topic: String::from("(see producer log)"),
+                    error: error.to_string(),
+                })
+            }
+            SinkEvent::Fatal(reason) => Err(RelayError::ProducerFatal(reason)),
+        }
+    }
+
+    async fn send_status(
+        &mut self,
+        stream: &mut ReplicationStream,
+        reply_requested: bool,
+    ) -> Result<(), RelayError> {
+        let flushed = if self.opts.confirm {
+            self.tracker.flushed()
+        } else {
+            self.hold_at
+        };
+        stream
+            .send_status_update(self.tracker.received(), flushed, flushed, reply_requested)
+            .await?;
+        self.last_status = Instant::now();
+        self.metrics.status_update_sent();
+        self.metrics.confirmed_lsn(flushed);
+        if let Some(t) = self.tracker.flushed_commit_time() {
+            self.metrics.confirmed_commit_time(t);
+        }
+        Ok(())
+    }
+
+    async fn on_replication_message(
+        &mut self,
+        msg: ReplicationMessage,
+        stream: &mut ReplicationStream,
+        sink: &mut KafkaSink,
+    ) -> Result<(), RelayError> {
+        match msg {
+            ReplicationMessage::Keepalive {
+                wal_end,
+                reply_requested,
+                ..
+            } => {
+                self.tracker.keepalive(wal_end);
+                if self.opts.end_lsn.is_some_and(|end| wal_end >= end) && self.txn.is_none() {
+                    self.finished = true;
+                }
+                if reply_requested {
+                    self.send_status(stream, false).await?;
+                }
+            }
+            ReplicationMessage::XLogData { wal_end, data, .. } => {
+                self.tracker.note_received(wal_end);
+                match self.decoder.decode(data)? {
+                    Message::Begin(b) => {
+                        if self.opts.end_lsn.is_some_and(|end| b.final_lsn >= end) {
+                            self.finished = true;
+                            return Ok(());
+                        }
+                        self.tracker.begin(b.commit_time)?;
+                        self.txn = Some(TxnInfo {
+                            xid: b.xid,
+                            commit_lsn: b.final_lsn,
+                            commit_time: b.commit_time,
+                        });
+                    }
+                    Message::Commit(c) => {
+                        self.tracker.commit(c.end_lsn)?;
+                        self.txn = None;
+                        self.metrics.sent_lsn(c.end_lsn);
+                    }
+                    Message::Relation(r) => {
+                        if let Err(e) = self.mapper.on_relation(&r) {
+                            // The mapping cannot apply to the table's new shape.
+                            if self.cfg.relay.poison_policy("missing_column") == PoisonPolicy::Stop
+                            {
+                                return Err(e.into());
+                            }
+                            tracing::error!(error = %e, "every row of this table shape goes to the dead-letter topic until the mapping or the table is fixed");
+                        }
+                    }
+                    Message::Insert(ins) => {
+                        let txn = self.txn.ok_or(AckError::NoOpenTransaction("Insert"))?;
+                        match self.mapper.map_insert(&ins, &txn) {
+                            Ok(Mapped::Record(record)) => {
+                                self.forward(record, &ins, &txn, sink).await?
+                            }
+                            Ok(Mapped::OtherTable { table }) => self.warn_once(table, "insert"),
+                            Err(e) => match e.poison_class() {
+                                Some(class) => {
+                                    let topic = e.original_topic().map(str::to_string);
+                                    self.poison(class, e.to_string(), topic, &ins, &txn, sink)
+                                        .await?
+                                }
+                                None => return Err(e.into()),
+                            },
+                        }
+                    }
+                    Message::Update(_) => self.warn_once("(update)".into(), "update"),
+                    Message::Delete(_) => self.warn_once("(delete)".into(), "delete"),
+                    Message::Truncate(_) => self.warn_once("(truncate)".into(), "truncate"),
+                    Message::Origin(_) | Message::Type(_) | Message::Message(_) => {}
+                    Message::StreamStart(_)
+                    | Message::StreamStop
+                    | Message::StreamCommit(_)
+                    | Message::StreamAbort(_) => return Err(RelayError::Unexpected("stream")),
+                    Message::BeginPrepare(_)
+                    | Message::Prepare(_)
+                    | Message::CommitPrepared(_)
+                    | Message::RollbackPrepared(_)
+                    | Message::StreamPrepare(_) => return Err(RelayError::Unexpected("prepare")),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Send one mapped record (live or replay) to its topic.
+    async fn forward(
+        &mut self,
+        mut record: OutboxRecord,
+        ins: &Insert,
+        txn: &TxnInfo,
+        sink: &mut KafkaSink,
+    ) -> Result<(), RelayError> {
+        if let Some(topic) = &self.opts.topic_override {
+            record.topic = Arc::from(topic.as_str());
+        }
+        if let Some(replay) = &self.opts.replay_header {
+            record
+                .headers
+                .push((Arc::from(HEADER_REPLAY), Bytes::from(replay.clone())));
+        }
+        let size = record.size();
+        let topic = record.topic.to_string();
+        match self.produce(record, txn, sink).await {
+            Err(RelayError::Kafka(KafkaSinkError::Produce(KafkaError::MessageProduction(
+                RDKafkaErrorCode::MessageSizeTooLarge,
+            )))) => {
+                let reason = format!(
+                    "the record is {size} bytes, above the producer's message.max.bytes; raise it on the broker (max.message.bytes) and the relay (--kafka-property message.max.bytes=N), or make the row smaller"
+                );
+                self.poison("too_large", reason, Some(topic), ins, txn, sink)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    /// Prepare the topic, then hand the record to the producer.
+    pub(super) async fn produce(
+        &mut self,
+        record: OutboxRecord,
+        txn: &TxnInfo,
+        sink: &mut KafkaSink,
+    ) -> Result<(), RelayError> {
+        if !self.known_topics.contains(&record.topic) {
+            sink.prepare_topic(&record.topic).await?;
+            self.known_topics.insert(record.topic.clone());
+        }
+        let token = DeliveryToken {
+            generation: self.generation,
+            txn: self
+                .tracker
+                .open_token()
+                .ok_or(AckError::NoOpenTransaction("a row"))?,
+            bytes: record.size(),
+            commit_time: txn.commit_time,
+        };
+        self.send_record(sink, record, token)
+    }
+
+    /// Hand a record to the producer; a full librdkafka queue parks it.
+    fn send_record(
+        &mut self,
+        sink: &KafkaSink,
+        record: OutboxRecord,
+        token: DeliveryToken,
+    ) -> Result<(), RelayError> {
+        match sink.send(&record, token) {
+            Ok(()) => {
+                // Counted only once librdkafka holds it, so a refused record
+                // never leaves its transaction waiting for an acknowledgement.
+                self.tracker.record_sent()?;
+                self.window.records += 1;
+                self.window.bytes += token.bytes;
+                // Counted per burst and topic (the metric takes a lock).
+                match &mut self.burst_produced {
+                    Some((topic, records, bytes)) if *topic == record.topic => {
+                        *records += 1;
+                        *bytes += token.bytes as u64;
+                    }
+                    _ => {
+                        self.flush_produced();
+                        self.burst_produced = Some((record.topic.clone(), 1, token.bytes as u64));
+                    }
+                }
+                Ok(())
+            }
+            Err(KafkaSinkError::QueueFull) => {
+                self.queued = Some((record, token));
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn warn_once(&mut self, what: String, kind: &str) {
+        if self.warned_tables.insert(what.clone()) {
+            tracing::warn!(
+                what = %what,
+                kind,
+                "the publication sends changes the relay does not forward; limit it to inserts on the outbox table: ALTER PUBLICATION ... SET TABLE <outbox table> WITH (publish = 'insert')"
+            );
+        }
+    }
+}
