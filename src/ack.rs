@@ -53,6 +53,8 @@ enum Entry {
     },
     Marker {
         lsn: Lsn,
+        /// Commit time of the newest transaction folded into the marker.
+        commit_time: Option<i64>,
     },
 }
 
@@ -66,7 +68,7 @@ impl Entry {
                 ..
             } => Some(lsn),
             Entry::Txn { .. } => None,
-            Entry::Marker { lsn } => Some(lsn),
+            Entry::Marker { lsn, .. } => Some(lsn),
         }
     }
 }
@@ -154,8 +156,48 @@ impl AckTracker {
         if let Some(Entry::Txn { end_lsn: slot, .. }) = self.entry_mut(seq) {
             *slot = Some(end_lsn);
         }
+        self.fold_back(seq);
         self.advance();
         Ok(())
+    }
+
+    /// A transaction at the back of the queue with nothing in flight (no
+    /// outbox rows, or all already acknowledged) is complete: it becomes a
+    /// marker, merged with a marker before it. So transactions without
+    /// records (other tables on a busy publication) cost nothing while the
+    /// broker holds earlier records, and the queue stays bounded by the
+    /// records in flight. Only the back entry is folded: no record token
+    /// refers to it (nothing pending), so its sequence number can be reused.
+    fn fold_back(&mut self, seq: u64) {
+        if seq + 1 != self.next_seq() {
+            return;
+        }
+        let Some(&Entry::Txn {
+            end_lsn: Some(lsn),
+            pending: 0,
+            commit_time,
+        }) = self.entries.back()
+        else {
+            return;
+        };
+        self.entries.pop_back();
+        self.push_marker(lsn, Some(commit_time));
+    }
+
+    /// Append a marker, merged into a marker already at the back.
+    fn push_marker(&mut self, lsn: Lsn, commit_time: Option<i64>) {
+        if let Some(Entry::Marker {
+            lsn: last,
+            commit_time: last_time,
+        }) = self.entries.back_mut()
+        {
+            *last = (*last).max(lsn);
+            if commit_time.is_some() {
+                *last_time = commit_time;
+            }
+            return;
+        }
+        self.entries.push_back(Entry::Marker { lsn, commit_time });
     }
 
     /// A keepalive (or any other "the server has sent everything below this")
@@ -171,11 +213,7 @@ impl AckTracker {
         }
         // Coalesce consecutive markers: only the latest matters.
         // (Markers are never the open transaction, so raising one is safe.)
-        if let Some(Entry::Marker { lsn }) = self.entries.back_mut() {
-            *lsn = (*lsn).max(wal_end);
-            return;
-        }
-        self.entries.push_back(Entry::Marker { lsn: wal_end });
+        self.push_marker(wal_end, None);
     }
 
     /// The broker acknowledged one record of transaction `token`.
@@ -198,8 +236,13 @@ impl AckTracker {
                 break;
             };
             self.flushed = self.flushed.max(lsn);
-            if let Entry::Txn { commit_time, .. } = front {
-                self.flushed_commit_time = Some(*commit_time);
+            match front {
+                Entry::Txn { commit_time, .. }
+                | Entry::Marker {
+                    commit_time: Some(commit_time),
+                    ..
+                } => self.flushed_commit_time = Some(*commit_time),
+                Entry::Marker { .. } => {}
             }
             self.entries.pop_front();
             self.base_seq += 1;
@@ -322,6 +365,32 @@ mod tests {
         assert_eq!(t.flushed(), lsn(0));
         t.ack(r).unwrap();
         assert_eq!(t.flushed(), lsn(120));
+    }
+
+    #[test]
+    fn transactions_without_records_do_not_grow_the_queue() {
+        // The broker holds a record; meanwhile a busy publication sends
+        // thousands of transactions without outbox rows.
+        let mut t = AckTracker::new(lsn(0));
+        let held = t.begin(1).unwrap();
+        t.record_sent().unwrap();
+        t.commit(lsn(10)).unwrap();
+        for i in 0..10_000u64 {
+            t.begin(2 + i as i64).unwrap();
+            t.commit(lsn(20 + i)).unwrap();
+        }
+        assert!(t.queued() <= 2, "queue grew to {}", t.queued());
+        assert_eq!(t.flushed(), lsn(0), "nothing passes the held record");
+        // A transaction whose records were all acknowledged folds too.
+        let tok = t.begin(20_000).unwrap();
+        t.record_sent().unwrap();
+        t.ack(tok).unwrap();
+        t.commit(lsn(20_000)).unwrap();
+        assert!(t.queued() <= 2, "queue grew to {}", t.queued());
+        t.ack(held).unwrap();
+        assert_eq!(t.flushed(), lsn(20_000));
+        assert_eq!(t.flushed_commit_time(), Some(20_000));
+        assert_eq!(t.queued(), 0);
     }
 
     #[test]

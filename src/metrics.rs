@@ -35,7 +35,9 @@ use prometheus_client::registry::{Metric, Registry};
 
 use crate::lsn::{pg_micros_to_system_time, Lsn};
 
-use labels::{BoundedLabels, ClassLabel, StatusLabel, TopicCounters, TopicLabel, VersionLabel};
+use labels::{
+    BoundedLabels, ClassLabel, StatusLabel, SystemLabel, TopicCounters, TopicLabel, VersionLabel,
+};
 pub use progress::{latency_since_commit, time_lag, ProgressLog, Snapshot};
 use progress::{unix_seconds, Progress};
 pub use readiness::{Readiness, DEFAULT_STALL_TIMEOUT};
@@ -106,6 +108,8 @@ struct Inner {
     reconnects: Counter,
     producer_rebuilds: Counter,
     status_updates: Counter,
+    server_system: Family<SystemLabel, Gauge>,
+    server_timeline: Gauge,
     topics: Mutex<BoundedLabels<TopicCounters>>,
     classes: Mutex<BoundedLabels<Counter>>,
     progress: Mutex<Progress>,
@@ -291,6 +295,16 @@ impl Metrics {
             "Status updates (flush LSN) sent to PostgreSQL",
             Counter::default(),
         );
+        let server_system = r.add(
+            SERVER_SYSTEM_INFO,
+            "1 for the system identifier of the PostgreSQL cluster streamed from",
+            Family::<SystemLabel, Gauge>::default(),
+        );
+        let server_timeline = r.add(
+            SERVER_TIMELINE,
+            "Timeline of the PostgreSQL server streamed from",
+            gauge(),
+        );
         let build_info = r.add(
             BUILD_INFO,
             "Always 1; the version label is the relay's version",
@@ -329,6 +343,8 @@ impl Metrics {
                 reconnects,
                 producer_rebuilds,
                 status_updates,
+                server_system,
+                server_timeline,
                 topics: Mutex::new(BoundedLabels::new(options.max_topic_labels)),
                 classes: Mutex::new(BoundedLabels::new(options.max_error_class_labels)),
                 progress: Mutex::new(Progress {
@@ -492,6 +508,19 @@ impl Metrics {
     }
 
     // --- session events -----------------------------------------------------
+
+    /// The server a session reached (`IDENTIFY_SYSTEM`).
+    pub fn server_identity(&self, system_identifier: &str, timeline: u32) {
+        // One cluster per process (another one is fatal): no label growth.
+        self.inner.server_system.clear();
+        self.inner
+            .server_system
+            .get_or_create(&SystemLabel {
+                system_identifier: system_identifier.to_string(),
+            })
+            .set(1);
+        self.inner.server_timeline.set(i64::from(timeline));
+    }
 
     /// A replication session failed and the relay resumes from the slot.
     pub fn reconnect(&self) {

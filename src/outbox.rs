@@ -179,6 +179,12 @@ pub enum Mapped {
 pub struct OutboxMapper {
     cfg: MappingConfig,
     table: TableName,
+    /// The outbox table's OID, when known: rows are recognised by it, so a
+    /// rename while the relay runs changes nothing. Without it, by name.
+    table_oid: Option<u32>,
+    /// Domain OID → the built-in type under it (a payload column typed as a
+    /// domain over bytea is bytes, like bytea itself).
+    domains: HashMap<u32, u32>,
     relations: HashMap<u32, RelationKind>,
     /// Column names by relation, for [`OutboxMapper::row_json`].
     column_names: HashMap<u32, Vec<String>>,
@@ -236,6 +242,8 @@ impl OutboxMapper {
             header_time: Arc::from(HEADER_COMMIT_TIME),
             cfg,
             table,
+            table_oid: None,
+            domains: HashMap::new(),
             relations: HashMap::new(),
             column_names: HashMap::new(),
             topics: HashMap::new(),
@@ -243,9 +251,32 @@ impl OutboxMapper {
         }
     }
 
+    /// Recognise the outbox table by its OID rather than its name.
+    pub fn with_table_oid(mut self, oid: Option<u32>) -> Self {
+        self.table_oid = oid;
+        self
+    }
+
+    /// The base types of domains (domain OID → built-in type OID).
+    pub fn with_domains(mut self, domains: HashMap<u32, u32>) -> Self {
+        self.domains = domains;
+        self
+    }
+
+    fn base_type(&self, type_oid: u32) -> u32 {
+        self.domains.get(&type_oid).copied().unwrap_or(type_oid)
+    }
+
+    fn is_outbox_table(&self, rel: &Relation) -> bool {
+        match self.table_oid {
+            Some(oid) => rel.oid == oid,
+            None => rel.namespace == self.table.schema && rel.name == self.table.name,
+        }
+    }
+
     /// A Relation message arrived: (re)resolve its columns by name.
     pub fn on_relation(&mut self, rel: &Relation) -> Result<(), MappingError> {
-        if rel.namespace != self.table.schema || rel.name != self.table.name {
+        if !self.is_outbox_table(rel) {
             self.relations.insert(
                 rel.oid,
                 RelationKind::Other {
@@ -294,6 +325,7 @@ impl OutboxMapper {
         };
         let cfg = &self.cfg;
         let payload = find(&cfg.payload_column, "payload_column")?;
+        let payload_type = self.base_type(rel.columns[payload].type_oid);
         let resolved = Resolved {
             id: find(&cfg.id_column, "id_column")?,
             key: find(&cfg.key_column, "key_column")?,
@@ -302,9 +334,9 @@ impl OutboxMapper {
                 None => Some(find(&cfg.route_column, "route_column")?),
             },
             payload,
-            payload_is_bytea: rel.columns[payload].type_oid == BYTEA_OID,
+            payload_is_bytea: payload_type == BYTEA_OID,
             payload_check_json: cfg.payload_format == PayloadFormat::Json
-                && !matches!(rel.columns[payload].type_oid, JSON_OID | JSONB_OID),
+                && !matches!(payload_type, JSON_OID | JSONB_OID),
             type_: match &cfg.type_column {
                 Some(c) => Some(find(c, "type_column")?),
                 None => None,

@@ -290,10 +290,23 @@ impl Decoder {
                 let xid = self.stream_xid(&mut r)?;
                 let relation_oid = r.u32()?;
                 r.expect_kind(b"N")?;
+                let tuple = r.tuple()?;
+                // An insert carries every value: "unchanged TOAST" only makes
+                // sense in an update, so such a row cannot be trusted.
+                if tuple
+                    .columns
+                    .iter()
+                    .any(|c| matches!(c, Column::UnchangedToast))
+                {
+                    return Err(DecodeError::Malformed {
+                        tag: 'I',
+                        reason: "an insert has an unchanged-TOAST ('u') column".into(),
+                    });
+                }
                 Message::Insert(Insert {
                     xid,
                     relation_oid,
-                    tuple: r.tuple()?,
+                    tuple,
                 })
             }
             b'U' => {

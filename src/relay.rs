@@ -39,7 +39,9 @@ use crate::pgoutput::{DecodeError, Decoder};
 use crate::replication::{ReplicationClient, ReplicationError};
 use crate::setup::{self, Problem};
 
+mod facts;
 mod holder;
+mod identity;
 mod lag;
 mod poison;
 mod session;
@@ -48,13 +50,13 @@ use holder::terminate_stale_holder;
 use lag::sample_lag;
 use session::Session;
 
+/// Sessions in a row that may fail to decode the same position before the
+/// relay stops (the first failures may be a torn connection's doing).
+const DECODE_RETRIES: u32 = 3;
 /// How long the final CopyDone handshake may take at shutdown.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
 /// A session that streamed this long resets the reconnect backoff.
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
-/// Silence after which the server is presumed gone (we ask it for a keepalive
-/// every status interval, so a live server is never this quiet).
-const SERVER_SILENCE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the slot's lag and retained WAL are sampled over SQL.
 const LAG_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 /// How often the one-line progress log is written.
@@ -127,8 +129,23 @@ pub enum RelayError {
         confirmed: Lsn,
         slot: String,
     },
-    #[error("PostgreSQL sent nothing for {0:?} although asked for keepalives; the connection is presumed dead")]
+    #[error("another process created replication slot {0:?} at the same moment; standing by")]
+    SlotCreationRace(String),
+    #[error("PostgreSQL sent nothing for {0:?} although asked for keepalives, longer than its wal_sender_timeout allows a live walsender; the connection is presumed dead")]
     ServerSilent(Duration),
+    #[error("{gap}. {loss}. The relay stops rather than create a new slot and stream past the gap. After the backfill, drop the stale slot if one is left and start the relay again: a new process creates the slot and starts from the current WAL position")]
+    SlotGap {
+        /// What changed ([`identity::Gap::describe`]).
+        gap: String,
+        /// What was delivered and how to backfill ([`identity::Memory::describe_loss`]).
+        loss: String,
+    },
+    #[error("cannot decode the replication stream at {lsn}, {times} times in a row: {error}. Retrying cannot help; please report this with the PostgreSQL version (the bytes are in the WAL at {lsn}: pg_logical_slot_peek_binary_changes shows them)")]
+    DecodeRepeated {
+        lsn: Lsn,
+        times: u32,
+        error: DecodeError,
+    },
 }
 
 fn render(problems: &[Problem]) -> String {
@@ -151,6 +168,8 @@ impl RelayError {
             | RelayError::SlotPlugin { .. }
             | RelayError::StartBelowConfirmed { .. }
             | RelayError::Poison { .. }
+            | RelayError::SlotGap { .. }
+            | RelayError::DecodeRepeated { .. }
             | RelayError::Unexpected(_) => Fatal,
             RelayError::Mapping(_) => Fatal,
             RelayError::Setup(e) => {
@@ -191,13 +210,16 @@ impl RelayError {
             | RelayError::Delivery { .. }
             | RelayError::ProducerFatal(_)
             | RelayError::StreamEnded
+            | RelayError::SlotCreationRace(_)
             | RelayError::ServerSilent(_) => Retry,
         }
     }
 
-    /// Another process streams from the slot (SQLSTATE 55006, "active for PID").
+    /// Another process streams from the slot (SQLSTATE 55006, "active for PID"),
+    /// or created it a moment before us (42710, the creation race): stand by.
     pub fn is_slot_busy(&self) -> bool {
         matches!(self, RelayError::Replication(ReplicationError::Server(s)) if s.code == "55006")
+            || matches!(self, RelayError::SlotCreationRace(_))
     }
 
     /// Errors after which the producer is rebuilt.
@@ -301,7 +323,13 @@ pub struct Relay {
     opts: StreamOptions,
     generation: u64,
     sink: Option<KafkaSink>,
+    /// A session of this process started streaming (preflight and
+    /// `--start-lsn`'s checks are for the first one).
     started: bool,
+    /// The server and slot this process streams from, across sessions.
+    memory: identity::Memory,
+    /// The last decode failure's position and how many sessions in a row hit it.
+    decode_failures: Option<(Lsn, u32)>,
 }
 
 impl Relay {
@@ -319,6 +347,8 @@ impl Relay {
             generation: 0,
             sink: None,
             started: false,
+            memory: identity::Memory::default(),
+            decode_failures: None,
         }
     }
 
@@ -429,8 +459,22 @@ impl Relay {
             .map_err(|e| RelayError::Config(e.to_string()))?;
         let mut repl = ReplicationClient::connect(&connect).await?;
         let version = repl.server_version_num();
+
+        // Is this the server, and the slot, this process streamed from before?
+        let system = repl.identify_system().await?;
+        let server = identity::ServerIdentity {
+            system_id: system.system_id.clone(),
+            timeline: system.timeline,
+        };
+        let failover = facts::slot_failover(&client, &pg.slot, version).await?;
+        self.metrics
+            .server_identity(&server.system_id, server.timeline);
+        if let Err(gap) = self.memory.check_server(&server, failover) {
+            return Err(self.gap(gap));
+        }
         let confirmed = match slot {
             Some(s) => {
+                self.memory.slot_seen = true;
                 if s.invalidated {
                     return Err(RelayError::SlotInvalidated {
                         slot: pg.slot.clone(),
@@ -446,19 +490,38 @@ impl Relay {
                 s.confirmed_flush_lsn.unwrap_or(Lsn::ZERO)
             }
             None if pg.create_slot => {
-                let created = repl.create_logical_slot(&pg.slot).await?;
-                tracing::info!(slot = %pg.slot, consistent_point = %created.consistent_point, "created replication slot");
+                if let Err(gap) = self.memory.may_create_slot() {
+                    return Err(self.gap(gap));
+                }
+                let created = match repl.create_logical_slot(&pg.slot).await {
+                    Ok(created) => created,
+                    Err(ReplicationError::Server(e)) if e.code == "42710" => {
+                        return Err(RelayError::SlotCreationRace(pg.slot.clone()))
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                self.memory.slot_seen = true;
+                tracing::warn!(
+                    slot = %pg.slot,
+                    consistent_point = %created.consistent_point,
+                    "created replication slot: events are relayed from transactions committing after this position; anything committed before it is not (use table replay for older rows)"
+                );
                 created.consistent_point
             }
             None => {
+                if self.memory.slot_seen {
+                    return Err(self.gap(identity::Gap::SlotGone));
+                }
                 return Err(RelayError::SlotMissing {
                     slot: pg.slot.clone(),
-                })
+                });
             }
         };
         let options = pgoutput_options(version, &pg.publication);
         let start = match self.opts.start_lsn {
-            Some(start) if start < confirmed => {
+            // The operator's check is for the position they gave at start;
+            // later sessions resume from the slot (still never below `start`).
+            Some(start) if start < confirmed && !self.started => {
                 return Err(RelayError::StartBelowConfirmed {
                     start,
                     confirmed,
@@ -473,6 +536,19 @@ impl Relay {
             }
             _ => Lsn::ZERO,
         };
+        let wal_sender_timeout = match repl.simple_query("SHOW wal_sender_timeout").await {
+            Ok(rows) => rows
+                .first()
+                .and_then(|r| r.first().cloned().flatten())
+                .and_then(|t| facts::parse_wal_sender_timeout(&t)),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read wal_sender_timeout; assuming the default 60s");
+                Some(Duration::from_secs(60))
+            }
+        };
+        let silence_limit = facts::silence_limit(wal_sender_timeout);
+        let table_oid = facts::table_oid(&client, &pg.table).await?;
+        let domains = facts::domain_base_types(&client).await?;
         let mut stream = repl
             .start_logical_replication(&pg.slot, start, &options)
             .await?;
@@ -503,7 +579,11 @@ impl Relay {
             metrics: &self.metrics,
             generation,
             tracker: AckTracker::new(confirmed),
-            mapper: OutboxMapper::new(cfg.mapping.clone(), pg.table.clone()),
+            mapper: OutboxMapper::new(cfg.mapping.clone(), pg.table.clone())
+                .with_table_oid(table_oid)
+                .with_domains(domains),
+            silence_limit,
+            last_wal_start: Lsn::ZERO,
             decoder: Decoder::new(),
             window: Window::default(),
             txn: None,
@@ -513,8 +593,20 @@ impl Relay {
             last_status: Instant::now(),
             burst_produced: None,
         };
-        session.run(&mut stream, sink, &self.shutdown).await?;
+        let result = session.run(&mut stream, sink, &self.shutdown).await;
+        let confirmed = if self.opts.confirm {
+            session.tracker.flushed()
+        } else {
+            session.hold_at
+        };
+        self.memory
+            .note_confirmed(confirmed, session.tracker.flushed_commit_time());
+        let last_wal_start = session.last_wal_start;
         let finished = session.finished;
+        if let Err(e) = result {
+            return Err(self.judge_decode_failure(e, last_wal_start));
+        }
+        self.decode_failures = None;
         if let Err(e) = stream.finish(FINISH_TIMEOUT).await {
             tracing::debug!(error = %e, "replication stream did not finish cleanly");
         }
@@ -523,6 +615,39 @@ impl Relay {
         } else {
             SessionEnd::Shutdown
         })
+    }
+}
+
+impl Relay {
+    /// The fatal error for a gap, naming what was delivered and the backfill.
+    fn gap(&self, gap: identity::Gap) -> RelayError {
+        RelayError::SlotGap {
+            gap: gap.describe(&self.cfg.postgres.slot),
+            loss: self.memory.describe_loss(),
+        }
+    }
+
+    /// A decode error is retried (a reconnect may have been all it needed),
+    /// but the same error at the same position session after session is the
+    /// bytes themselves: stop after [`DECODE_RETRIES`] instead of looping.
+    fn judge_decode_failure(&mut self, e: RelayError, at: Lsn) -> RelayError {
+        let RelayError::Decode(error) = e else {
+            return e;
+        };
+        let times = match self.decode_failures {
+            Some((lsn, n)) if lsn == at => n + 1,
+            _ => 1,
+        };
+        self.decode_failures = Some((at, times));
+        if times >= DECODE_RETRIES {
+            RelayError::DecodeRepeated {
+                lsn: at,
+                times,
+                error,
+            }
+        } else {
+            RelayError::Decode(error)
+        }
     }
 }
 

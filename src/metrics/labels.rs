@@ -24,6 +24,11 @@ pub(super) struct StatusLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct SystemLabel {
+    pub(super) system_identifier: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(super) struct VersionLabel {
     pub(super) version: &'static str,
 }

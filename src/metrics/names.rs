@@ -83,6 +83,12 @@ pub const STATUS_UPDATES_TOTAL: &str = "outbox_relay_status_updates_total";
 /// Gauge, label `version`: always 1. Its absence means the relay is not
 /// scraped.
 pub const BUILD_INFO: &str = "outbox_relay_build_info";
+/// Gauge, label `system_identifier`: 1 for the PostgreSQL cluster the relay
+/// streams from (`IDENTIFY_SYSTEM`). The relay stops if it changes.
+pub const SERVER_SYSTEM_INFO: &str = "outbox_relay_server_system_info";
+/// Gauge. Timeline of the server the relay streams from; a change is a
+/// promotion (followed only with a PostgreSQL 17 failover slot).
+pub const SERVER_TIMELINE: &str = "outbox_relay_server_timeline";
 
 /// Every name above.
 pub const ALL: &[&str] = &[
@@ -111,6 +117,8 @@ pub const ALL: &[&str] = &[
     PRODUCER_REBUILDS_TOTAL,
     STATUS_UPDATES_TOTAL,
     BUILD_INFO,
+    SERVER_SYSTEM_INFO,
+    SERVER_TIMELINE,
 ];
 
 /// Histograms among [`ALL`]: a scrape shows them as `_bucket`, `_sum`

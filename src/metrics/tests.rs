@@ -95,6 +95,7 @@ fn encoding_names_every_metric_and_is_well_formed() {
     m.record_acked(Duration::from_millis(3));
     m.delivery_error("msg_timed_out");
     m.dead_lettered("orders");
+    m.server_identity("7420000000000000001", 1);
     let text = m.encode();
     assert_well_formed(&text);
     for name in names::ALL {

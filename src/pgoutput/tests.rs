@@ -502,9 +502,18 @@ fn insert_with(tuple_bytes: &[u8]) -> Bytes {
 }
 
 #[test]
+fn an_insert_with_an_unchanged_toast_column_is_malformed() {
+    // n, u: an insert always carries its values; 'u' is for updates only.
+    assert!(matches!(
+        decoder(false).decode(insert_with(b"\0\x02nu")),
+        Err(DecodeError::Malformed { tag: 'I', .. })
+    ));
+}
+
+#[test]
 fn tuple_column_kinds() {
-    // n, u, t "hi", b 00 ff 01, t "".
-    let msg = insert_with(b"\0\x05nut\0\0\0\x02hib\0\0\0\x03\x00\xff\x01t\0\0\0\0");
+    // n, t "hi", b 00 ff 01, t "".
+    let msg = insert_with(b"\0\x04nt\0\0\0\x02hib\0\0\0\x03\x00\xff\x01t\0\0\0\0");
     assert_eq!(
         decoder(false).decode(msg),
         Ok(Message::Insert(Insert {
@@ -512,7 +521,6 @@ fn tuple_column_kinds() {
             relation_oid: 7,
             tuple: tuple(vec![
                 Column::Null,
-                Column::UnchangedToast,
                 text("hi"),
                 Column::Binary(Bytes::from_static(&[0x00, 0xFF, 0x01])),
                 text(""),

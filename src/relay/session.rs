@@ -18,10 +18,7 @@ use crate::outbox::{Mapped, OutboxMapper, OutboxRecord, TxnInfo};
 use crate::pgoutput::{Decoder, Insert, Message};
 use crate::replication::{ReplicationMessage, ReplicationStream};
 
-use super::{
-    RelayError, StreamOptions, Window, BURST, HEADER_REPLAY, QUEUE_FULL_RETRY,
-    SERVER_SILENCE_TIMEOUT,
-};
+use super::{RelayError, StreamOptions, Window, BURST, HEADER_REPLAY, QUEUE_FULL_RETRY};
 
 /// State of one streaming session.
 pub(super) struct Session<'a> {
@@ -46,6 +43,11 @@ pub(super) struct Session<'a> {
     /// Records handed to the producer in the current burst, for the metrics
     /// (see `after_intake`): topic, records, bytes.
     pub(super) burst_produced: Option<(Arc<str>, u64, u64)>,
+    /// Silence after which the server is presumed gone, from its
+    /// `wal_sender_timeout` ([`super::facts::silence_limit`]); `None`: never.
+    pub(super) silence_limit: Option<std::time::Duration>,
+    /// `wal_start` of the last XLogData received (names a decode failure).
+    pub(super) last_wal_start: Lsn,
 }
 
 impl Session<'_> {
@@ -117,7 +119,7 @@ impl Session<'_> {
                     self.after_acks(acked);
                 }
                 _ = status.tick() => {
-                    if last_heard.elapsed() > SERVER_SILENCE_TIMEOUT {
+                    if self.silence_limit.is_some_and(|limit| last_heard.elapsed() > limit) {
                         return Err(RelayError::ServerSilent(last_heard.elapsed()));
                     }
                     self.send_status(stream, true).await?;
@@ -129,7 +131,6 @@ impl Session<'_> {
                 }
                 _ = tokio::time::sleep_until(drain_deadline), if draining.is_some() => {}
                 msg = stream.next_message(), if intake => {
-                    last_heard = Instant::now();
                     match msg? {
                         Some(msg) => self.on_replication_message(msg, stream, sink).await?,
                         None => return Err(RelayError::StreamEnded),
@@ -145,6 +146,9 @@ impl Session<'_> {
                         self.on_replication_message(msg, stream, sink).await?;
                     }
                     self.after_intake();
+                    // Time spent on the burst (preparing a topic on the broker
+                    // can take seconds) was ours, not the server's silence.
+                    last_heard = Instant::now();
                 }
             }
         }
@@ -155,8 +159,12 @@ impl Session<'_> {
     }
 
     fn window_has_room(&self) -> bool {
+        // The tracker's queue counts too: it holds an entry per transaction
+        // with records in flight (and folded markers between them), so it is
+        // bounded by the window, but a bound is only a bound when checked.
         self.window.records < self.cfg.relay.max_in_flight_records
             && self.window.bytes < self.cfg.relay.max_in_flight_bytes
+            && self.tracker.queued() < self.cfg.relay.max_in_flight_records
     }
 
     /// Metrics of a burst of delivery reports, once per burst.
@@ -258,8 +266,14 @@ impl Session<'_> {
                     self.send_status(stream, false).await?;
                 }
             }
-            ReplicationMessage::XLogData { wal_end, data, .. } => {
+            ReplicationMessage::XLogData {
+                wal_start,
+                wal_end,
+                data,
+                ..
+            } => {
                 self.tracker.note_received(wal_end);
+                self.last_wal_start = wal_start;
                 match self.decoder.decode(data)? {
                     Message::Begin(b) => {
                         if self.opts.end_lsn.is_some_and(|end| b.final_lsn >= end) {

@@ -16,9 +16,11 @@ use super::tls::ChannelBindingMode;
 use super::{ConnectConfig, ReplicationError};
 
 /// Pins the session settings that shape text output, so values read from the
-/// connection do not depend on server or role defaults.
-const SESSION_OPTIONS: &str =
-    "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3";
+/// connection do not depend on server, database or role defaults
+/// (`bytea_output = escape` set on the role would otherwise garble bytea
+/// payloads, which the mapper decodes from hex).
+const SESSION_OPTIONS: &str = "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=postgres \
+     -c extra_float_digits=3 -c bytea_output=hex";
 
 /// What the server told us while starting the session.
 #[derive(Debug)]
