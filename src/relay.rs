@@ -493,13 +493,10 @@ impl Relay {
                 if let Err(gap) = self.memory.may_create_slot() {
                     return Err(self.gap(gap));
                 }
-                let created = match repl.create_logical_slot(&pg.slot).await {
-                    Ok(created) => created,
-                    Err(ReplicationError::Server(e)) if e.code == "42710" => {
-                        return Err(RelayError::SlotCreationRace(pg.slot.clone()))
-                    }
-                    Err(e) => return Err(e.into()),
-                };
+                let created = repl
+                    .create_logical_slot(&pg.slot)
+                    .await
+                    .map_err(|e| slot_creation_error(e, &pg.slot))?;
                 self.memory.slot_seen = true;
                 tracing::warn!(
                     slot = %pg.slot,
@@ -651,6 +648,17 @@ impl Relay {
     }
 }
 
+/// Losing the creation race (SQLSTATE 42710, "already exists": another relay
+/// created the slot between our look and our CREATE) means standing by.
+fn slot_creation_error(e: ReplicationError, slot: &str) -> RelayError {
+    match e {
+        ReplicationError::Server(s) if s.code == "42710" => {
+            RelayError::SlotCreationRace(slot.to_string())
+        }
+        e => e.into(),
+    }
+}
+
 /// `--start-lsn` above the confirmed position: say what will be skipped,
 /// counting the outbox rows in between with a (non-consuming) peek.
 async fn warn_skipped(
@@ -684,5 +692,59 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::ServerError;
+
+    fn server_error(code: &str, message: &str) -> ReplicationError {
+        ReplicationError::Server(ServerError {
+            severity: "ERROR".into(),
+            code: code.into(),
+            message: message.into(),
+            detail: None,
+            hint: None,
+        })
+    }
+
+    #[test]
+    fn losing_the_slot_creation_race_means_standing_by() {
+        let e = slot_creation_error(
+            server_error("42710", "replication slot \"s\" already exists"),
+            "s",
+        );
+        assert!(e.is_slot_busy(), "{e}");
+        assert_eq!(e.disposition(), Disposition::Retry);
+        // Other creation errors keep their own disposition.
+        let e = slot_creation_error(server_error("42501", "permission denied"), "s");
+        assert!(!e.is_slot_busy());
+        assert_eq!(e.disposition(), Disposition::Fatal);
+    }
+
+    #[test]
+    fn gaps_and_repeated_decode_failures_are_fatal() {
+        let gap = RelayError::SlotGap {
+            gap: "gone".into(),
+            loss: "lost".into(),
+        };
+        assert_eq!(gap.disposition(), Disposition::Fatal);
+        let cfg = Config::default();
+        let mut relay = Relay::new(cfg, CancellationToken::new());
+        let decode = || RelayError::Decode(DecodeError::Empty);
+        let at = Lsn(0x10);
+        for _ in 1..DECODE_RETRIES {
+            let e = relay.judge_decode_failure(decode(), at);
+            assert_eq!(e.disposition(), Disposition::Retry, "{e}");
+        }
+        let e = relay.judge_decode_failure(decode(), at);
+        assert!(matches!(e, RelayError::DecodeRepeated { .. }), "{e}");
+        assert_eq!(e.disposition(), Disposition::Fatal);
+        assert!(e.to_string().contains("0/10"), "{e}");
+        // Another position starts the count again.
+        let e = relay.judge_decode_failure(decode(), Lsn(0x20));
+        assert_eq!(e.disposition(), Disposition::Retry);
     }
 }

@@ -330,6 +330,14 @@ async fn standby_takes_over_within_seconds_without_loss() {
 async fn a_stale_holder_is_terminated_when_asked() {
     let env = Env::new(PgVersion::V15).await;
     let client = env.client().await;
+    // Without wal_sender_timeout the server never drops a silent client, so
+    // only the relay can free the slot. (With it, the relay waits past the
+    // server's own timeout, which then frees the slot first: a busy
+    // walsender reads no replies for that long while its peer is alive.)
+    client
+        .batch_execute("ALTER SYSTEM SET wal_sender_timeout = 0; SELECT pg_reload_conf()")
+        .await
+        .unwrap();
     // A hung relay (SIGSTOP) keeps its connection open but sends no status
     // replies: its walsender holds the slot while nothing is delivered.
     let mut first = env.relay();
