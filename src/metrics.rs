@@ -110,6 +110,7 @@ struct Inner {
     status_updates: Counter,
     server_system: Family<SystemLabel, Gauge>,
     server_timeline: Gauge,
+    shutdown_releases: Counter,
     topics: Mutex<BoundedLabels<TopicCounters>>,
     classes: Mutex<BoundedLabels<Counter>>,
     progress: Mutex<Progress>,
@@ -305,6 +306,11 @@ impl Metrics {
             "Timeline of the PostgreSQL server streamed from",
             gauge(),
         );
+        let shutdown_releases = r.add(
+            SHUTDOWN_RELEASES_TOTAL,
+            "Replication streams let go because PostgreSQL was shutting down while Kafka had not acknowledged everything",
+            Counter::default(),
+        );
         let build_info = r.add(
             BUILD_INFO,
             "Always 1; the version label is the relay's version",
@@ -345,6 +351,7 @@ impl Metrics {
                 status_updates,
                 server_system,
                 server_timeline,
+                shutdown_releases,
                 topics: Mutex::new(BoundedLabels::new(options.max_topic_labels)),
                 classes: Mutex::new(BoundedLabels::new(options.max_error_class_labels)),
                 progress: Mutex::new(Progress {
@@ -520,6 +527,11 @@ impl Metrics {
             })
             .set(1);
         self.inner.server_timeline.set(i64::from(timeline));
+    }
+
+    /// The relay let go of its stream for a server shutdown.
+    pub fn shutdown_release(&self) {
+        self.inner.shutdown_releases.inc();
     }
 
     /// A replication session failed and the relay resumes from the slot.

@@ -43,6 +43,7 @@ mod facts;
 mod holder;
 mod identity;
 mod lag;
+mod letgo;
 mod poison;
 mod session;
 
@@ -53,6 +54,8 @@ use session::Session;
 /// Sessions in a row that may fail to decode the same position before the
 /// relay stops (the first failures may be a torn connection's doing).
 const DECODE_RETRIES: u32 = 3;
+/// How long ending the copy may take when letting go for a server shutdown.
+const LET_GO_FINISH_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the final CopyDone handshake may take at shutdown.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
 /// A session that streamed this long resets the reconnect backoff.
@@ -129,6 +132,8 @@ pub enum RelayError {
         confirmed: Lsn,
         slot: String,
     },
+    #[error("PostgreSQL is shutting down and waited on {pending} records Kafka has not acknowledged; the relay let go of the stream so the server can stop, and resumes from the slot when it is back")]
+    ServerShuttingDown { pending: u64 },
     #[error("another process created replication slot {0:?} at the same moment; standing by")]
     SlotCreationRace(String),
     #[error("PostgreSQL sent nothing for {0:?} although asked for keepalives, longer than its wal_sender_timeout allows a live walsender; the connection is presumed dead")]
@@ -211,6 +216,7 @@ impl RelayError {
             | RelayError::ProducerFatal(_)
             | RelayError::StreamEnded
             | RelayError::SlotCreationRace(_)
+            | RelayError::ServerShuttingDown { .. }
             | RelayError::ServerSilent(_) => Retry,
         }
     }
@@ -422,7 +428,12 @@ impl Relay {
             } else {
                 // Full jitter between min and the current ceiling.
                 let delay = rand::thread_rng().gen_range(min..=backoff.max(min));
-                tracing::warn!(error = %err, retry_in = ?delay, "replication session failed; resuming from the slot");
+                if matches!(err, RelayError::ServerShuttingDown { .. }) {
+                    // Not a failure: the database restarts (logged when we let go).
+                    tracing::info!(retry_in = ?delay, "resuming from the slot once PostgreSQL is back");
+                } else {
+                    tracing::warn!(error = %err, retry_in = ?delay, "replication session failed; resuming from the slot");
+                }
                 backoff = (backoff * 2).min(max);
                 delay
             };
@@ -557,6 +568,7 @@ impl Relay {
         }
         self.metrics.streaming(true);
         self.metrics.slot_held(true);
+        let server_stopping = client.server_stopping();
         // The SQL connection now samples lag for the metrics and the progress log.
         let sampler = tokio::spawn(sample_lag(
             client,
@@ -581,6 +593,8 @@ impl Relay {
                 .with_domains(domains),
             silence_limit,
             last_wal_start: Lsn::ZERO,
+            shutdown_detector: letgo::ShutdownDetector::default(),
+            server_stopping,
             decoder: Decoder::new(),
             window: Window::default(),
             txn: None,
@@ -600,6 +614,15 @@ impl Relay {
             .note_confirmed(confirmed, session.tracker.flushed_commit_time());
         let last_wal_start = session.last_wal_start;
         let finished = session.finished;
+        if let Err(e @ RelayError::ServerShuttingDown { .. }) = result {
+            // End the copy so the walsender exits now (it has nothing more to
+            // send; a window-full stream still has data in the socket, which
+            // `finish` reads past, bounded by its timeout).
+            if let Err(e) = stream.finish(LET_GO_FINISH_TIMEOUT).await {
+                tracing::debug!(error = %e, "replication stream did not finish cleanly");
+            }
+            return Err(e);
+        }
         if let Err(e) = result {
             return Err(self.judge_decode_failure(e, last_wal_start));
         }

@@ -89,6 +89,10 @@ pub const SERVER_SYSTEM_INFO: &str = "outbox_relay_server_system_info";
 /// Gauge. Timeline of the server the relay streams from; a change is a
 /// promotion (followed only with a PostgreSQL 17 failover slot).
 pub const SERVER_TIMELINE: &str = "outbox_relay_server_timeline";
+/// Counter. Times the relay let go of its replication stream because
+/// PostgreSQL was shutting down and waited on records Kafka had not yet
+/// acknowledged (the stream resumes from the slot when the server is back).
+pub const SHUTDOWN_RELEASES_TOTAL: &str = "outbox_relay_shutdown_releases_total";
 
 /// Every name above.
 pub const ALL: &[&str] = &[
@@ -119,6 +123,7 @@ pub const ALL: &[&str] = &[
     BUILD_INFO,
     SERVER_SYSTEM_INFO,
     SERVER_TIMELINE,
+    SHUTDOWN_RELEASES_TOTAL,
 ];
 
 /// Histograms among [`ALL`]: a scrape shows them as `_bucket`, `_sum`

@@ -18,6 +18,7 @@ use crate::outbox::{Mapped, OutboxMapper, OutboxRecord, TxnInfo};
 use crate::pgoutput::{Decoder, Insert, Message};
 use crate::replication::{ReplicationMessage, ReplicationStream};
 
+use super::letgo::ShutdownDetector;
 use super::{RelayError, StreamOptions, Window, BURST, HEADER_REPLAY, QUEUE_FULL_RETRY};
 
 /// State of one streaming session.
@@ -48,6 +49,11 @@ pub(super) struct Session<'a> {
     pub(super) silence_limit: Option<std::time::Duration>,
     /// `wal_start` of the last XLogData received (names a decode failure).
     pub(super) last_wal_start: Lsn,
+    /// Notices that the server waits on us to shut down ([`super::letgo`]).
+    pub(super) shutdown_detector: ShutdownDetector,
+    /// `true` once the server ended the session's SQL connection for a
+    /// shutdown: the stream cannot be read (window full) to see its pings.
+    pub(super) server_stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Session<'_> {
@@ -62,6 +68,7 @@ impl Session<'_> {
         status.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut draining: Option<tokio::time::Instant> = None;
         let mut last_heard = Instant::now();
+        let mut stopping_watch = true;
 
         loop {
             if self.finished && draining.is_none() {
@@ -130,6 +137,17 @@ impl Session<'_> {
                     self.flush_produced();
                 }
                 _ = tokio::time::sleep_until(drain_deadline), if draining.is_some() => {}
+                changed = self.server_stopping.changed(), if stopping_watch => {
+                    if changed.is_err() {
+                        stopping_watch = false;
+                    }
+                    if *self.server_stopping.borrow() && self.tracker.pending_records() > 0 {
+                        // PostgreSQL ended our SQL session for a shutdown and we
+                        // hold unconfirmed records: its walsender would wait on
+                        // them (we may not even be reading its pings).
+                        return self.let_go(stream, "the server ended the relay's SQL session for a shutdown").await;
+                    }
+                }
                 msg = stream.next_message(), if intake => {
                     match msg? {
                         Some(msg) => self.on_replication_message(msg, stream, sink).await?,
@@ -224,16 +242,43 @@ impl Session<'_> {
         }
     }
 
+    /// The flush position status updates report.
+    fn reported(&self) -> Lsn {
+        if self.opts.confirm {
+            self.tracker.flushed()
+        } else {
+            self.hold_at
+        }
+    }
+
+    /// PostgreSQL is shutting down and waits on confirmations Kafka has not
+    /// given: report what is acknowledged (nothing more) and end the session,
+    /// so the walsender can exit. The records already handed to the producer
+    /// stay there; the next session resumes from the slot.
+    async fn let_go(
+        &mut self,
+        stream: &mut ReplicationStream,
+        why: &'static str,
+    ) -> Result<(), RelayError> {
+        self.send_status(stream, false).await?;
+        let pending = self.tracker.pending_records();
+        tracing::info!(
+            confirmed = %self.reported(),
+            received = %self.tracker.received(),
+            pending,
+            why,
+            "PostgreSQL is shutting down while Kafka has not acknowledged everything: letting go of the stream so the server can stop; resuming from the slot when it is back"
+        );
+        self.metrics.shutdown_release();
+        Err(RelayError::ServerShuttingDown { pending })
+    }
+
     async fn send_status(
         &mut self,
         stream: &mut ReplicationStream,
         reply_requested: bool,
     ) -> Result<(), RelayError> {
-        let flushed = if self.opts.confirm {
-            self.tracker.flushed()
-        } else {
-            self.hold_at
-        };
+        let flushed = self.reported();
         stream
             .send_status_update(self.tracker.received(), flushed, flushed, reply_requested)
             .await?;
@@ -265,6 +310,15 @@ impl Session<'_> {
                 if reply_requested {
                     self.send_status(stream, false).await?;
                 }
+                if self.shutdown_detector.on_keepalive(
+                    Instant::now(),
+                    wal_end,
+                    reply_requested,
+                    self.tracker.received(),
+                    self.reported(),
+                ) {
+                    return self.let_go(stream, "the walsender asks for replies back to back at a position the relay cannot confirm yet (it waits on Kafka to shut down)").await;
+                }
             }
             ReplicationMessage::XLogData {
                 wal_start,
@@ -274,6 +328,7 @@ impl Session<'_> {
             } => {
                 self.tracker.note_received(wal_end);
                 self.last_wal_start = wal_start;
+                self.shutdown_detector.reset();
                 match self.decoder.decode(data)? {
                     Message::Begin(b) => {
                         if self.opts.end_lsn.is_some_and(|end| b.final_lsn >= end) {
