@@ -202,7 +202,11 @@ async fn a_long_silence_within_wal_sender_timeout_keeps_the_stream() {
     let env = Env::new(PgVersion::V17).await;
     let client = env.client().await;
     client
-        .batch_execute("ALTER SYSTEM SET wal_sender_timeout = '180s'; SELECT pg_reload_conf()")
+        .batch_execute("ALTER SYSTEM SET wal_sender_timeout = '180s'")
+        .await
+        .unwrap();
+    client
+        .batch_execute("SELECT pg_reload_conf()")
         .await
         .unwrap();
     let proxy = Proxy::start("pg", pg_addr(&env.pg));

@@ -335,7 +335,11 @@ async fn a_stale_holder_is_terminated_when_asked() {
     // server's own timeout, which then frees the slot first: a busy
     // walsender reads no replies for that long while its peer is alive.)
     client
-        .batch_execute("ALTER SYSTEM SET wal_sender_timeout = 0; SELECT pg_reload_conf()")
+        .batch_execute("ALTER SYSTEM SET wal_sender_timeout = 0")
+        .await
+        .unwrap();
+    client
+        .batch_execute("SELECT pg_reload_conf()")
         .await
         .unwrap();
     // A hung relay (SIGSTOP) keeps its connection open but sends no status
