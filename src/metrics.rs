@@ -111,6 +111,7 @@ struct Inner {
     server_system: Family<SystemLabel, Gauge>,
     server_timeline: Gauge,
     shutdown_releases: Counter,
+    progress_skipped: Counter,
     topics: Mutex<BoundedLabels<TopicCounters>>,
     classes: Mutex<BoundedLabels<Counter>>,
     progress: Mutex<Progress>,
@@ -311,6 +312,11 @@ impl Metrics {
             "Replication streams let go because PostgreSQL was shutting down while Kafka had not acknowledged everything",
             Counter::default(),
         );
+        let progress_skipped = r.add(
+            PROGRESS_SKIPPED_RECORDS_TOTAL,
+            "Records not sent again after a restart: the progress table showed them acknowledged",
+            Counter::default(),
+        );
         let build_info = r.add(
             BUILD_INFO,
             "Always 1; the version label is the relay's version",
@@ -352,6 +358,7 @@ impl Metrics {
                 server_system,
                 server_timeline,
                 shutdown_releases,
+                progress_skipped,
                 topics: Mutex::new(BoundedLabels::new(options.max_topic_labels)),
                 classes: Mutex::new(BoundedLabels::new(options.max_error_class_labels)),
                 progress: Mutex::new(Progress {
@@ -527,6 +534,11 @@ impl Metrics {
             })
             .set(1);
         self.inner.server_timeline.set(i64::from(timeline));
+    }
+
+    /// Records skipped thanks to the progress record.
+    pub fn progress_skipped(&self, records: u64) {
+        self.inner.progress_skipped.inc_by(records);
     }
 
     /// The relay let go of its stream for a server shutdown.

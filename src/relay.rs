@@ -45,6 +45,7 @@ mod identity;
 mod lag;
 mod letgo;
 mod poison;
+mod progress;
 mod session;
 
 use holder::terminate_stale_holder;
@@ -54,6 +55,9 @@ use session::Session;
 /// Sessions in a row that may fail to decode the same position before the
 /// relay stops (the first failures may be a torn connection's doing).
 const DECODE_RETRIES: u32 = 3;
+/// Shortest time between a status update and a prompt one sent because
+/// acknowledgements moved the flush position.
+const PROMPT_INTERVAL: Duration = Duration::from_millis(10);
 /// How long ending the copy may take when letting go for a server shutdown.
 const LET_GO_FINISH_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the final CopyDone handshake may take at shutdown.
@@ -336,6 +340,8 @@ pub struct Relay {
     memory: identity::Memory,
     /// The last decode failure's position and how many sessions in a row hit it.
     decode_failures: Option<(Lsn, u32)>,
+    /// The progress table could not be used (said once until it works).
+    progress_warned: bool,
 }
 
 impl Relay {
@@ -355,6 +361,7 @@ impl Relay {
             started: false,
             memory: identity::Memory::default(),
             decode_failures: None,
+            progress_warned: false,
         }
     }
 
@@ -473,6 +480,7 @@ impl Relay {
 
         // Is this the server, and the slot, this process streamed from before?
         let system = repl.identify_system().await?;
+        let repl_db = system.dbname.clone().unwrap_or_default();
         let server = identity::ServerIdentity {
             system_id: system.system_id.clone(),
             timeline: system.timeline,
@@ -569,6 +577,12 @@ impl Relay {
         self.metrics.streaming(true);
         self.metrics.slot_held(true);
         let server_stopping = client.server_stopping();
+        // Durable progress: for the live relay (replay neither skips nor records).
+        let (skip_below, progress_tx, _writer) = if self.opts.confirm && self.opts.end_lsn.is_none() {
+            self.durable_progress(&client, &server, repl_db, confirmed).await
+        } else {
+            (Lsn::ZERO, None, None)
+        };
         // The SQL connection now samples lag for the metrics and the progress log.
         let sampler = tokio::spawn(sample_lag(
             client,
@@ -595,6 +609,13 @@ impl Relay {
             last_wal_start: Lsn::ZERO,
             shutdown_detector: letgo::ShutdownDetector::default(),
             server_stopping,
+            skip_below,
+            skipped: Some((0, 0)),
+            skipping: false,
+            progress: progress_tx,
+            acked_since_progress: false,
+            last_sent_flush: confirmed,
+            prompt_at: None,
             decoder: Decoder::new(),
             window: Window::default(),
             txn: None,
@@ -605,6 +626,7 @@ impl Relay {
             burst_produced: None,
         };
         let result = session.run(&mut stream, sink, &self.shutdown).await;
+        session.report_skipped();
         let confirmed = if self.opts.confirm {
             session.tracker.flushed()
         } else {
@@ -639,6 +661,50 @@ impl Relay {
 }
 
 impl Relay {
+    /// Read the progress record (if it belongs to this slot on this server)
+    /// and start its writer. Without the table (no privilege to create it),
+    /// say so once and run without: duplicates are then bounded by the slot.
+    async fn durable_progress(
+        &mut self,
+        client: &crate::sql::SqlConnection,
+        server: &identity::ServerIdentity,
+        database: String,
+        confirmed: Lsn,
+    ) -> (Lsn, Option<tokio::sync::watch::Sender<Lsn>>, Option<AbortOnDrop>) {
+        let pg = &self.cfg.postgres;
+        let owner = progress::Owner {
+            slot: pg.slot.clone(),
+            database,
+            system_id: server.system_id.clone(),
+            timeline: server.timeline,
+        };
+        let recorded = match progress::prepare(client, &pg.table).await {
+            Ok(()) => progress::read(client, &pg.table, &owner).await,
+            Err(e) => Err(e),
+        };
+        let recorded = match recorded {
+            Ok(r) => {
+                self.progress_warned = false;
+                r
+            }
+            Err(e) => {
+                if !self.progress_warned {
+                    tracing::warn!(
+                        error = %e,
+                        table = %progress::table_name(&pg.table),
+                        "cannot use the progress table: after a PostgreSQL crash the relay re-sends what the slot forgot (create it with sql/04_progress.sql, or grant the relay CREATE on the schema)"
+                    );
+                    self.progress_warned = true;
+                }
+                return (Lsn::ZERO, None, None);
+            }
+        };
+        let skip_below = recorded.filter(|&r| r > confirmed).unwrap_or(Lsn::ZERO);
+        let (tx, rx) = tokio::sync::watch::channel(recorded.unwrap_or(Lsn::ZERO).max(confirmed));
+        let writer = tokio::spawn(progress::writer(pg.clone(), pg.table.clone(), owner, rx));
+        (skip_below, Some(tx), Some(AbortOnDrop(writer)))
+    }
+
     /// The fatal error for a gap, naming what was delivered and the backfill.
     fn gap(&self, gap: identity::Gap) -> RelayError {
         RelayError::SlotGap {

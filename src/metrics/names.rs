@@ -93,6 +93,9 @@ pub const SERVER_TIMELINE: &str = "outbox_relay_server_timeline";
 /// PostgreSQL was shutting down and waited on records Kafka had not yet
 /// acknowledged (the stream resumes from the slot when the server is back).
 pub const SHUTDOWN_RELEASES_TOTAL: &str = "outbox_relay_shutdown_releases_total";
+/// Counter. Records not sent again after a restart because the progress
+/// table showed the broker had acknowledged them (the slot had forgotten).
+pub const PROGRESS_SKIPPED_RECORDS_TOTAL: &str = "outbox_relay_progress_skipped_records_total";
 
 /// Every name above.
 pub const ALL: &[&str] = &[
@@ -124,6 +127,7 @@ pub const ALL: &[&str] = &[
     SERVER_SYSTEM_INFO,
     SERVER_TIMELINE,
     SHUTDOWN_RELEASES_TOTAL,
+    PROGRESS_SKIPPED_RECORDS_TOTAL,
 ];
 
 /// Histograms among [`ALL`]: a scrape shows them as `_bucket`, `_sum`

@@ -19,7 +19,7 @@ use crate::pgoutput::{Decoder, Insert, Message};
 use crate::replication::{ReplicationMessage, ReplicationStream};
 
 use super::letgo::ShutdownDetector;
-use super::{RelayError, StreamOptions, Window, BURST, HEADER_REPLAY, QUEUE_FULL_RETRY};
+use super::{PROMPT_INTERVAL, RelayError, StreamOptions, Window, BURST, HEADER_REPLAY, QUEUE_FULL_RETRY};
 
 /// State of one streaming session.
 pub(super) struct Session<'a> {
@@ -54,6 +54,21 @@ pub(super) struct Session<'a> {
     /// `true` once the server ended the session's SQL connection for a
     /// shutdown: the stream cannot be read (window full) to see its pings.
     pub(super) server_stopping: tokio::sync::watch::Receiver<bool>,
+    /// Durable progress ([`super::progress`]): transactions committing below
+    /// this position were acknowledged before; they are skipped, not re-sent.
+    pub(super) skip_below: Lsn,
+    /// Transactions and records skipped so far; `None` once reported.
+    pub(super) skipped: Option<(u64, u64)>,
+    /// The open transaction is one of those.
+    pub(super) skipping: bool,
+    /// Where acknowledged positions go to be recorded (live relay only).
+    pub(super) progress: Option<tokio::sync::watch::Sender<Lsn>>,
+    /// Records were acknowledged since the record was last updated.
+    pub(super) acked_since_progress: bool,
+    /// The flush position of the last status update sent.
+    pub(super) last_sent_flush: Lsn,
+    /// When to send a prompt status update (the flush position moved).
+    pub(super) prompt_at: Option<tokio::time::Instant>,
 }
 
 impl Session<'_> {
@@ -125,6 +140,12 @@ impl Session<'_> {
                     }
                     self.after_acks(acked);
                 }
+                _ = tokio::time::sleep_until(self.prompt_at.unwrap_or_else(tokio::time::Instant::now)), if self.prompt_at.is_some() => {
+                    // Acknowledgements moved the flush position: confirm it now,
+                    // not at the next tick, so a relay crash re-sends milliseconds.
+                    self.prompt_at = None;
+                    self.send_status(stream, false).await?;
+                }
                 _ = status.tick() => {
                     if self.silence_limit.is_some_and(|limit| last_heard.elapsed() > limit) {
                         return Err(RelayError::ServerSilent(last_heard.elapsed()));
@@ -190,13 +211,41 @@ impl Session<'_> {
         if acked > 0 {
             self.metrics.records_acked(acked);
             self.metrics.acked_lsn(self.tracker.flushed());
+            self.acked_since_progress = true;
         }
         self.metrics
             .in_flight(self.window.records, self.window.bytes);
+        self.after_progress();
+    }
+
+    /// The flush position may have moved: schedule a prompt status update
+    /// (at most one per [`PROMPT_INTERVAL`]) and, when records were
+    /// acknowledged, hand the position to the progress writer.
+    fn after_progress(&mut self) {
+        let flushed = self.reported();
+        if flushed > self.last_sent_flush && self.prompt_at.is_none() {
+            let earliest = tokio::time::Instant::from_std(self.last_status + PROMPT_INTERVAL);
+            self.prompt_at = Some(earliest.max(tokio::time::Instant::now()));
+        }
+        if self.acked_since_progress && self.opts.confirm {
+            if let Some(progress) = &self.progress {
+                let moved = progress.send_if_modified(|recorded| {
+                    let moved = flushed > *recorded;
+                    if moved {
+                        *recorded = flushed;
+                    }
+                    moved
+                });
+                if moved {
+                    self.acked_since_progress = false;
+                }
+            }
+        }
     }
 
     /// Metrics of a burst of replication messages, once per burst.
     fn after_intake(&mut self) {
+        self.after_progress();
         self.flush_produced();
         self.metrics.received_lsn(self.tracker.received());
         self.metrics
@@ -242,6 +291,22 @@ impl Session<'_> {
         }
     }
 
+    /// Say once how much the progress record spared (the first transaction
+    /// past it, or the end of the session).
+    pub(super) fn report_skipped(&mut self) {
+        if let Some((txns, records)) = self.skipped.take() {
+            if txns > 0 {
+                tracing::info!(
+                    transactions = txns,
+                    records,
+                    recorded = %self.skip_below,
+                    "skipped transactions the broker acknowledged before the restart (the progress record is ahead of the slot)"
+                );
+                self.metrics.progress_skipped(records);
+            }
+        }
+    }
+
     /// The flush position status updates report.
     fn reported(&self) -> Lsn {
         if self.opts.confirm {
@@ -283,6 +348,7 @@ impl Session<'_> {
             .send_status_update(self.tracker.received(), flushed, flushed, reply_requested)
             .await?;
         self.last_status = Instant::now();
+        self.last_sent_flush = flushed;
         self.metrics.status_update_sent();
         self.metrics.confirmed_lsn(flushed);
         if let Some(t) = self.tracker.flushed_commit_time() {
@@ -335,6 +401,14 @@ impl Session<'_> {
                             self.finished = true;
                             return Ok(());
                         }
+                        self.skipping = b.final_lsn < self.skip_below;
+                        if self.skipping {
+                            if let Some((txns, _)) = &mut self.skipped {
+                                *txns += 1;
+                            }
+                        } else {
+                            self.report_skipped();
+                        }
                         self.tracker.begin(b.commit_time)?;
                         self.txn = Some(TxnInfo {
                             xid: b.xid,
@@ -355,6 +429,11 @@ impl Session<'_> {
                                 return Err(e.into());
                             }
                             tracing::error!(error = %e, "every row of this table shape goes to the dead-letter topic until the mapping or the table is fixed");
+                        }
+                    }
+                    Message::Insert(_) if self.skipping => {
+                        if let Some((_, records)) = &mut self.skipped {
+                            *records += 1;
                         }
                     }
                     Message::Insert(ins) => {
