@@ -578,8 +578,10 @@ impl Relay {
         self.metrics.slot_held(true);
         let server_stopping = client.server_stopping();
         // Durable progress: for the live relay (replay neither skips nor records).
-        let (skip_below, progress_tx, _writer) = if self.opts.confirm && self.opts.end_lsn.is_none() {
-            self.durable_progress(&client, &server, repl_db, confirmed).await
+        let (skip_below, progress_tx, _writer) = if self.opts.confirm && self.opts.end_lsn.is_none()
+        {
+            self.durable_progress(&client, &server, repl_db, confirmed)
+                .await
         } else {
             (Lsn::ZERO, None, None)
         };
@@ -670,7 +672,11 @@ impl Relay {
         server: &identity::ServerIdentity,
         database: String,
         confirmed: Lsn,
-    ) -> (Lsn, Option<tokio::sync::watch::Sender<Lsn>>, Option<AbortOnDrop>) {
+    ) -> (
+        Lsn,
+        Option<tokio::sync::watch::Sender<Lsn>>,
+        Option<AbortOnDrop>,
+    ) {
         let pg = &self.cfg.postgres;
         let owner = progress::Owner {
             slot: pg.slot.clone(),

@@ -74,10 +74,7 @@ pub fn create_sql(outbox: &TableName) -> String {
 /// or used (the relay then runs without it and says so once).
 pub async fn prepare(client: &SqlConnection, outbox: &TableName) -> Result<(), String> {
     let exists = client
-        .query_one(
-            "SELECT to_regclass($1) IS NOT NULL",
-            &[&table_name(outbox)],
-        )
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table_name(outbox)])
         .await
         .map_err(|e| crate::setup::describe_pg_error(&e))?
         .get::<_, bool>(0);

@@ -19,7 +19,9 @@ use crate::pgoutput::{Decoder, Insert, Message};
 use crate::replication::{ReplicationMessage, ReplicationStream};
 
 use super::letgo::ShutdownDetector;
-use super::{PROMPT_INTERVAL, RelayError, StreamOptions, Window, BURST, HEADER_REPLAY, QUEUE_FULL_RETRY};
+use super::{
+    RelayError, StreamOptions, Window, BURST, HEADER_REPLAY, PROMPT_INTERVAL, QUEUE_FULL_RETRY,
+};
 
 /// State of one streaming session.
 pub(super) struct Session<'a> {
