@@ -375,7 +375,7 @@ impl Relay {
                 if let Some(sink) = self.sink.take() {
                     tracing::warn!("rebuilding the kafka producer");
                     self.metrics.producer_rebuild();
-                    sink.close(Duration::from_millis(100)).await;
+                    sink.close_for_rebuild(&self.shutdown).await;
                 }
             }
             if began.elapsed() >= HEALTHY_SESSION {
