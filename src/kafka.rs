@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::ack::TxnToken;
+use crate::lsn::Lsn;
 use crate::outbox::OutboxRecord;
 
 /// Producer settings the relay sets before the operator's own properties,
@@ -42,6 +43,26 @@ pub const DEFAULT_PRODUCER_PROPERTIES: &[(&str, &str)] = &[
 const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_millis(300_000);
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_millis(30_000);
 
+/// Where a record sits in the stream, the same in every session that replays
+/// it: its transaction's commit LSN and its place among the records produced
+/// from that transaction (dead-letter records included).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RecordPosition {
+    pub commit_lsn: Lsn,
+    pub ordinal: u32,
+}
+
+impl std::fmt::Display for RecordPosition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "record #{} of the transaction committing at {}",
+            self.ordinal + 1,
+            self.commit_lsn
+        )
+    }
+}
+
 /// Everything the relay needs to finish a record when its report comes back.
 #[derive(Debug, Clone, Copy)]
 pub struct DeliveryToken {
@@ -51,13 +72,23 @@ pub struct DeliveryToken {
     pub bytes: usize,
     /// Commit time of the row's transaction (µs since 2000-01-01), for latency.
     pub commit_time: i64,
+    pub position: RecordPosition,
+}
+
+/// A record the producer gave up on.
+#[derive(Debug)]
+pub struct DeliveryFailure {
+    pub token: DeliveryToken,
+    pub error: KafkaError,
+    /// The record's topic, from the report.
+    pub topic: String,
 }
 
 /// What the producer tells the relay loop.
 #[derive(Debug)]
 pub enum SinkEvent {
     Delivered(DeliveryToken),
-    Failed(DeliveryToken, KafkaError),
+    Failed(DeliveryFailure),
     /// librdkafka raised a fatal error: the producer must be rebuilt.
     Fatal(String),
 }
@@ -161,7 +192,11 @@ impl ProducerContext for SinkContext {
     fn delivery(&self, result: &DeliveryResult<'_>, token: Self::DeliveryOpaque) {
         let event = match result {
             Ok(_) => SinkEvent::Delivered(*token),
-            Err((e, _)) => SinkEvent::Failed(*token, e.clone()),
+            Err((error, message)) => SinkEvent::Failed(DeliveryFailure {
+                token: *token,
+                error: error.clone(),
+                topic: rdkafka::Message::topic(message).to_string(),
+            }),
         };
         // The receiver is gone only while the relay shuts down.
         let _ = self.events.send(event);

@@ -39,6 +39,7 @@ use crate::pgoutput::{DecodeError, Decoder};
 use crate::replication::{ReplicationClient, ReplicationError};
 use crate::setup::{self, Problem};
 
+mod delivery;
 mod holder;
 mod lag;
 mod poison;
@@ -129,6 +130,14 @@ pub enum RelayError {
     },
     #[error("PostgreSQL sent nothing for {0:?} although asked for keepalives; the connection is presumed dead")]
     ServerSilent(Duration),
+    #[error("Kafka refused {position} for topic {topic:?} with {code}, {failures} times in a row with the record alone in flight: {fix}. The relay stops rather than retry while WAL piles up; the slot stays before this record, so nothing is lost once this is fixed and the relay restarted")]
+    BrokerRefused {
+        code: String,
+        topic: String,
+        position: String,
+        failures: u32,
+        fix: String,
+    },
 }
 
 fn render(problems: &[Problem]) -> String {
@@ -151,6 +160,7 @@ impl RelayError {
             | RelayError::SlotPlugin { .. }
             | RelayError::StartBelowConfirmed { .. }
             | RelayError::Poison { .. }
+            | RelayError::BrokerRefused { .. }
             | RelayError::Unexpected(_) => Fatal,
             RelayError::Mapping(_) => Fatal,
             RelayError::Setup(e) => {
@@ -302,6 +312,7 @@ pub struct Relay {
     generation: u64,
     sink: Option<KafkaSink>,
     started: bool,
+    delivery: delivery::DeliveryMemory,
 }
 
 impl Relay {
@@ -319,6 +330,7 @@ impl Relay {
             generation: 0,
             sink: None,
             started: false,
+            delivery: Default::default(),
         }
     }
 
@@ -512,6 +524,7 @@ impl Relay {
             warned_tables: HashSet::new(),
             last_status: Instant::now(),
             burst_produced: None,
+            delivery: self.delivery.for_session(confirmed),
         };
         session.run(&mut stream, sink, &self.shutdown).await?;
         let finished = session.finished;
