@@ -530,7 +530,8 @@ pub struct RelayArgs {
 
     /// Poison-row policy, `stop` or `dead-letter`, for all classes or as
     /// CLASS=POLICY (null_column, invalid_payload, invalid_topic, too_large,
-    /// missing_column, bad_value) [default: dead-letter with --dead-letter-topic, else stop]
+    /// missing_column, bad_value, rejected_by_broker) [default: dead-letter with
+    /// --dead-letter-topic, else stop]
     #[arg(
         long,
         value_name = "[CLASS=]POLICY",

@@ -130,6 +130,7 @@ pub const POISON_CLASSES: &[&str] = &[
     "too_large",
     "missing_column",
     "bad_value",
+    "rejected_by_broker",
 ];
 
 /// What the payload column must hold.

@@ -8,7 +8,9 @@
 //! (every event answers one record the window admitted) plus rare error events.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
@@ -17,8 +19,10 @@ use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::ack::TxnToken;
+use crate::lsn::Lsn;
 use crate::outbox::OutboxRecord;
 
 /// Producer settings the relay sets before the operator's own properties,
@@ -34,6 +38,31 @@ pub const DEFAULT_PRODUCER_PROPERTIES: &[(&str, &str)] = &[
     ("client.id", "outbox-relay"),
 ];
 
+/// librdkafka's defaults for the two timeouts that bound a record's life in
+/// the producer (`message.timeout.ms`, `request.timeout.ms`).
+const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_millis(300_000);
+const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_millis(30_000);
+
+/// Where a record sits in the stream, the same in every session that replays
+/// it: its transaction's commit LSN and its place among the records produced
+/// from that transaction (dead-letter records included).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RecordPosition {
+    pub commit_lsn: Lsn,
+    pub ordinal: u32,
+}
+
+impl std::fmt::Display for RecordPosition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "record #{} of the transaction committing at {}",
+            self.ordinal + 1,
+            self.commit_lsn
+        )
+    }
+}
+
 /// Everything the relay needs to finish a record when its report comes back.
 #[derive(Debug, Clone, Copy)]
 pub struct DeliveryToken {
@@ -43,13 +72,23 @@ pub struct DeliveryToken {
     pub bytes: usize,
     /// Commit time of the row's transaction (µs since 2000-01-01), for latency.
     pub commit_time: i64,
+    pub position: RecordPosition,
+}
+
+/// A record the producer gave up on.
+#[derive(Debug)]
+pub struct DeliveryFailure {
+    pub token: DeliveryToken,
+    pub error: KafkaError,
+    /// The record's topic, from the report.
+    pub topic: String,
 }
 
 /// What the producer tells the relay loop.
 #[derive(Debug)]
 pub enum SinkEvent {
     Delivered(DeliveryToken),
-    Failed(DeliveryToken, KafkaError),
+    Failed(DeliveryFailure),
     /// librdkafka raised a fatal error: the producer must be rebuilt.
     Fatal(String),
 }
@@ -153,7 +192,11 @@ impl ProducerContext for SinkContext {
     fn delivery(&self, result: &DeliveryResult<'_>, token: Self::DeliveryOpaque) {
         let event = match result {
             Ok(_) => SinkEvent::Delivered(*token),
-            Err((e, _)) => SinkEvent::Failed(*token, e.clone()),
+            Err((error, message)) => SinkEvent::Failed(DeliveryFailure {
+                token: *token,
+                error: error.clone(),
+                topic: rdkafka::Message::topic(message).to_string(),
+            }),
         };
         // The receiver is gone only while the relay shuts down.
         let _ = self.events.send(event);
@@ -168,6 +211,8 @@ pub struct KafkaSink {
     create_topics: bool,
     partitions: i32,
     replication_factor: i32,
+    /// How long a record may live in librdkafka (see [`KafkaSink::close_for_rebuild`]).
+    record_lifetime: Duration,
 }
 
 /// How to build a [`KafkaSink`]. `properties` may hold secrets (`sasl.password`,
@@ -217,6 +262,25 @@ impl SinkSettings {
         }
         cfg
     }
+
+    /// The longest a record can stay in librdkafka: `message.timeout.ms`
+    /// (alias `delivery.timeout.ms`) until it is failed locally, plus one
+    /// `request.timeout.ms` because a record already sent is only failed when
+    /// its request times out. `0` (infinite) counts as the default.
+    pub fn record_lifetime(&self) -> Duration {
+        let ms = |keys: &[&str], default: Duration| {
+            keys.iter()
+                .find_map(|k| self.properties.get(*k))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .filter(|ms| *ms > 0)
+                .map(Duration::from_millis)
+                .unwrap_or(default)
+        };
+        ms(
+            &["message.timeout.ms", "delivery.timeout.ms"],
+            DEFAULT_MESSAGE_TIMEOUT,
+        ) + ms(&["request.timeout.ms"], DEFAULT_REQUEST_TIMEOUT)
+    }
 }
 
 impl KafkaSink {
@@ -236,6 +300,7 @@ impl KafkaSink {
             create_topics: settings.create_topics,
             partitions: settings.topic_partitions,
             replication_factor: settings.topic_replication_factor,
+            record_lifetime: settings.record_lifetime(),
         })
     }
 
@@ -350,6 +415,67 @@ impl KafkaSink {
             Err(KafkaSinkError::TopicMissing {
                 topic: topic.to_string(),
             })
+        }
+    }
+
+    /// Close a producer that is being replaced, so that none of its records
+    /// can land after the copies its replacement sends (per-key order).
+    ///
+    /// We flush rather than fence: fencing needs a `transactional.id` and
+    /// transactions, which cost a round trip per commit. Flushing waits until
+    /// librdkafka holds none of the producer's records, each delivered or failed;
+    /// that takes at most [`SinkSettings::record_lifetime`] (by then librdkafka
+    /// has failed every record locally or its request timed out). Dropping
+    /// earlier would purge records whose requests are already on the wire, and
+    /// the broker may still append them after the new producer's copies.
+    /// Shutdown cuts the wait short: no new producer follows then. Returns
+    /// whether the producer was empty when it was dropped.
+    pub async fn close_for_rebuild(self, shutdown: &CancellationToken) -> bool {
+        let bound = self.record_lifetime;
+        let pending = self.producer.in_flight_count();
+        if pending > 0 {
+            tracing::warn!(
+                pending,
+                bound = ?bound,
+                "waiting for the discarded kafka producer's records to be delivered or failed before its replacement sends"
+            );
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_flag = stop.clone();
+        let producer = self.producer;
+        let admin = self.admin;
+        let drained = tokio::task::spawn_blocking(move || {
+            let start = Instant::now();
+            while producer.in_flight_count() > 0
+                && start.elapsed() < bound
+                && !stop_flag.load(Ordering::Relaxed)
+            {
+                let _ = producer.flush(Duration::from_millis(100));
+            }
+            let left = producer.in_flight_count();
+            drop(producer);
+            drop(admin);
+            left
+        });
+        tokio::pin!(drained);
+        let left = tokio::select! {
+            left = &mut drained => left,
+            _ = shutdown.cancelled() => {
+                stop.store(true, Ordering::Relaxed);
+                drained.await
+            }
+        };
+        match left {
+            Ok(0) => true,
+            Ok(left) if !shutdown.is_cancelled() => {
+                tracing::error!(
+                    left,
+                    bound = ?bound,
+                    "the discarded kafka producer still held records after message.timeout.ms + request.timeout.ms; if the broker appends them later, they land after their copies (per-key order)"
+                );
+                false
+            }
+            _ => false,
         }
     }
 

@@ -39,6 +39,7 @@ use crate::pgoutput::{DecodeError, Decoder};
 use crate::replication::{ReplicationClient, ReplicationError};
 use crate::setup::{self, Problem};
 
+mod delivery;
 mod facts;
 mod holder;
 mod identity;
@@ -155,6 +156,14 @@ pub enum RelayError {
         times: u32,
         error: DecodeError,
     },
+    #[error("Kafka refused {position} for topic {topic:?} with {code}, {failures} times in a row with the record alone in flight: {fix}. The relay stops rather than retry while WAL piles up; the slot stays before this record, so nothing is lost once this is fixed and the relay restarted")]
+    BrokerRefused {
+        code: String,
+        topic: String,
+        position: String,
+        failures: u32,
+        fix: String,
+    },
 }
 
 fn render(problems: &[Problem]) -> String {
@@ -179,6 +188,7 @@ impl RelayError {
             | RelayError::Poison { .. }
             | RelayError::SlotGap { .. }
             | RelayError::DecodeRepeated { .. }
+            | RelayError::BrokerRefused { .. }
             | RelayError::Unexpected(_) => Fatal,
             RelayError::Mapping(_) => Fatal,
             RelayError::Setup(e) => {
@@ -342,6 +352,7 @@ pub struct Relay {
     decode_failures: Option<(Lsn, u32)>,
     /// The progress table could not be used (said once until it works).
     progress_warned: bool,
+    delivery: delivery::DeliveryMemory,
 }
 
 impl Relay {
@@ -362,6 +373,7 @@ impl Relay {
             memory: identity::Memory::default(),
             decode_failures: None,
             progress_warned: false,
+            delivery: Default::default(),
         }
     }
 
@@ -418,7 +430,7 @@ impl Relay {
                 if let Some(sink) = self.sink.take() {
                     tracing::warn!("rebuilding the kafka producer");
                     self.metrics.producer_rebuild();
-                    sink.close(Duration::from_millis(100)).await;
+                    sink.close_for_rebuild(&self.shutdown).await;
                 }
             }
             if began.elapsed() >= HEALTHY_SESSION {
@@ -626,6 +638,7 @@ impl Relay {
             warned_tables: HashSet::new(),
             last_status: Instant::now(),
             burst_produced: None,
+            delivery: self.delivery.for_session(confirmed),
         };
         let result = session.run(&mut stream, sink, &self.shutdown).await;
         session.report_skipped();

@@ -338,6 +338,7 @@ pub async fn replay_table(
                 .expect("the replay transaction is open"),
             bytes: record.size(),
             commit_time: 0,
+            position: Default::default(),
         };
         loop {
             match sink.send(&record, token) {
@@ -382,8 +383,8 @@ async fn column_type(
 async fn wait_one(sink: &mut KafkaSink, acked: &mut u64, failed: &mut u64) {
     match sink.next_event().await {
         Some(SinkEvent::Delivered(_)) => *acked += 1,
-        Some(SinkEvent::Failed(_, e)) => {
-            tracing::error!(error = %e, "replayed record not acknowledged");
+        Some(SinkEvent::Failed(f)) => {
+            tracing::error!(error = %f.error, topic = %f.topic, "replayed record not acknowledged");
             *failed += 1;
         }
         Some(SinkEvent::Fatal(reason)) => {

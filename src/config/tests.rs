@@ -540,3 +540,48 @@ fn problem_display() {
         "wal_level is 'replica' — fix: set wal_level = logical in postgresql.conf and restart PostgreSQL"
     );
 }
+
+#[test]
+fn kafka_properties_that_break_delivery_reports_or_order_are_rejected() {
+    for (key, value, want) in [
+        (
+            "delivery.report.only.error",
+            "true",
+            "suppresses the delivery reports",
+        ),
+        (
+            "transactional.id",
+            "relay-1",
+            "does not use Kafka transactions",
+        ),
+        (
+            "max.in.flight.requests.per.connection",
+            "6",
+            "1 to 5 requests in flight",
+        ),
+        ("max.in.flight", "1000000", "1 to 5 requests in flight"),
+        ("max.in.flight", "0", "1 to 5 requests in flight"),
+        ("max.in.flight", "many", "1 to 5 requests in flight"),
+    ] {
+        let prop = format!("{key}={value}");
+        let p = problems(None, &[], &[MIN, &["--kafka-property", &prop]].concat());
+        assert_eq!(p.len(), 1, "{prop}: {p:?}");
+        assert!(
+            p[0].contains(want) && p[0].contains(key),
+            "{prop}: {}",
+            p[0]
+        );
+    }
+    for (key, value) in [
+        ("delivery.report.only.error", "false"),
+        ("max.in.flight.requests.per.connection", "5"),
+        ("max.in.flight", "1"),
+    ] {
+        let prop = format!("{key}={value}");
+        let cfg = ok(None, &[], &["--kafka-property", &prop]);
+        assert_eq!(
+            cfg.kafka.properties.get(key).map(String::as_str),
+            Some(value)
+        );
+    }
+}

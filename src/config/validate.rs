@@ -194,6 +194,25 @@ fn kafka(cfg: &Config, out: &mut Vec<Problem>) {
                 format!("Kafka property {key}={value} allows duplicates and reordering on retry"),
                 format!("remove {key} (the relay enables idempotence)"),
             )),
+            // The relay confirms the slot from delivery reports: every record needs one.
+            "delivery.report.only.error" if v != "false" => Some((
+                format!("Kafka property {key}={value} suppresses the delivery reports of acknowledged records, so the relay would never confirm the slot"),
+                format!("remove {key}"),
+            )),
+            // A hand-set transactional.id turns on transactions the relay never
+            // commits, and fences the other relay of a standby pair.
+            "transactional.id" => Some((
+                format!("Kafka property {key} is set: the relay does not use Kafka transactions, and records produced under it would never be committed"),
+                format!("remove {key} (the relay's idempotent producer keeps order and avoids duplicates without it)"),
+            )),
+            "max.in.flight.requests.per.connection" | "max.in.flight"
+                if v.parse::<u64>().map_or(true, |n| n == 0 || n > 5) =>
+            {
+                Some((
+                    format!("Kafka property {key}={value}: the idempotent producer keeps per-key order only with 1 to 5 requests in flight per connection"),
+                    format!("set {key} between 1 and 5, or remove it (librdkafka's default with idempotence is 5)"),
+                ))
+            }
             _ => None,
         };
         if let Some((what, fix)) = problem {

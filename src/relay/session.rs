@@ -71,6 +71,8 @@ pub(super) struct Session<'a> {
     pub(super) last_sent_flush: Lsn,
     /// When to send a prompt status update (the flush position moved).
     pub(super) prompt_at: Option<tokio::time::Instant>,
+    /// Delivery failures remembered across sessions (see `delivery.rs`).
+    pub(super) delivery: &'a mut super::delivery::DeliveryMemory,
 }
 
 impl Session<'_> {
@@ -206,6 +208,7 @@ impl Session<'_> {
         self.window.records < self.cfg.relay.max_in_flight_records
             && self.window.bytes < self.cfg.relay.max_in_flight_bytes
             && self.tracker.queued() < self.cfg.relay.max_in_flight_records
+            && self.may_send_more()
     }
 
     /// Metrics of a burst of delivery reports, once per burst.
@@ -275,20 +278,7 @@ impl Session<'_> {
                     .ack_latency(latency_since_commit(token.commit_time, now));
                 Ok(true)
             }
-            SinkEvent::Failed(token, error) => {
-                if token.generation != self.generation {
-                    return Ok(false);
-                }
-                let class = error
-                    .rdkafka_error_code()
-                    .map(|c| format!("{c:?}"))
-                    .unwrap_or_else(|| "other".to_string());
-                self.metrics.delivery_error(&class);
-                Err(RelayError::Delivery {
-                    topic: String::from("(see producer log)"),
-                    error: error.to_string(),
-                })
-            }
+            SinkEvent::Failed(failure) => self.on_delivery_failed(failure),
             SinkEvent::Fatal(reason) => Err(RelayError::ProducerFatal(reason)),
         }
     }
@@ -490,6 +480,11 @@ impl Session<'_> {
                 .headers
                 .push((Arc::from(HEADER_REPLAY), Bytes::from(replay.clone())));
         }
+        if let Some(r) = self.rejected_here(txn) {
+            return self
+                .poison(r.class, r.reason, Some(r.topic), ins, txn, sink)
+                .await;
+        }
         let size = record.size();
         let topic = record.topic.to_string();
         match self.produce(record, txn, sink).await {
@@ -525,6 +520,7 @@ impl Session<'_> {
                 .ok_or(AckError::NoOpenTransaction("a row"))?,
             bytes: record.size(),
             commit_time: txn.commit_time,
+            position: self.next_position(txn),
         };
         self.send_record(sink, record, token)
     }
