@@ -39,6 +39,25 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Exit code of every command for an invalid command line or configuration
+/// (unknown flag or variable, bad value, unreadable `--config` file): 64, BSD's
+/// `EX_USAGE`. No `status` result uses it (those are 0 to 5), so a script acting
+/// on "slot invalidated" (2) never acts on a typo.
+pub const EXIT_USAGE: u8 = 64;
+
+/// Prints a clap error (or the help / version it stands for) and picks the exit
+/// code: 0 for `--help` and `--version`, [`EXIT_USAGE`] for real errors (clap's
+/// own `exit()` would use 2, which `status` defines as "slot invalidated").
+pub fn exit_for_parse_error(e: &clap::Error) -> std::process::ExitCode {
+    // Printing can only fail when stdout/stderr is closed; nothing to tell then.
+    let _ = e.print();
+    if e.use_stderr() {
+        std::process::ExitCode::from(EXIT_USAGE)
+    } else {
+        std::process::ExitCode::SUCCESS
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Stream inserted outbox rows to Kafka until stopped (SIGTERM drains, then exits 0)
@@ -48,7 +67,8 @@ pub enum Command {
     Check(CheckArgs),
     /// Show the slot, its position, lag and retained WAL, bookmarks and the
     /// publication (no streaming); exit 1 slot missing, 2 invalidated,
-    /// 3 retaining more than --max-retained-bytes, 4 server unreadable
+    /// 3 retaining more than --max-retained-bytes, 4 server unreadable,
+    /// 64 invalid command line or configuration
     Status(StatusArgs),
     /// Bookmarks: copies of the slot that retain WAL from a point, to replay from
     Bookmark(BookmarkArgs),

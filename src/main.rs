@@ -17,12 +17,16 @@ use outbox_relay::replay::{self, BookmarkReplay, TableRange};
 use outbox_relay::{http, setup, status};
 
 /// Exit codes: 0 success, 1 runtime failure (or `check` found problems),
-/// 2 invalid configuration or command line.
+/// [`cli::EXIT_USAGE`] (64) invalid configuration or command line, for every
+/// command (a code no `status` result uses).
 const EXIT_FAILURE: u8 = 1;
-const EXIT_CONFIG: u8 = 2;
+const EXIT_CONFIG: u8 = cli::EXIT_USAGE;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return cli::exit_for_parse_error(&e),
+    };
     let cfg = match cli::load(&cli) {
         Ok(cfg) => cfg,
         Err(e) => {
@@ -158,6 +162,33 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(EXIT_FAILURE)
 }
 
+/// Like [`fail`], with [`EXIT_CONFIG`] for configuration errors.
+fn fail_replay(e: replay::ReplayError) -> ExitCode {
+    eprintln!("error: {e}");
+    match e {
+        replay::ReplayError::Config(_) => ExitCode::from(EXIT_CONFIG),
+        _ => ExitCode::from(EXIT_FAILURE),
+    }
+}
+
+/// `sql::connect` failed: configuration errors get [`EXIT_CONFIG`], others `code`.
+fn fail_connect(cfg: &Config, e: outbox_relay::sql::SqlConnectError, code: u8) -> ExitCode {
+    match e {
+        outbox_relay::sql::SqlConnectError::Config(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        outbox_relay::sql::SqlConnectError::Postgres(e) => {
+            eprintln!(
+                "error: cannot read the server at {}: {}",
+                cfg.postgres.redacted_url(),
+                setup::describe_pg_error(&e)
+            );
+            ExitCode::from(code)
+        }
+    }
+}
+
 async fn bookmark(cfg: Config, action: BookmarkAction) -> ExitCode {
     match action {
         BookmarkAction::Create { name, .. } => match replay::create_bookmark(&cfg, &name).await {
@@ -165,19 +196,19 @@ async fn bookmark(cfg: Config, action: BookmarkAction) -> ExitCode {
                 println!("bookmark {name} created: slot {slot} at {lsn}; it retains WAL until dropped (outbox-relay bookmark drop {name})");
                 ExitCode::SUCCESS
             }
-            Err(e) => fail(e),
+            Err(e) => fail_replay(e),
         },
         BookmarkAction::Drop { name, .. } => match replay::drop_bookmark(&cfg, &name).await {
             Ok(()) => {
                 println!("bookmark {name} dropped");
                 ExitCode::SUCCESS
             }
-            Err(e) => fail(e),
+            Err(e) => fail_replay(e),
         },
         BookmarkAction::List { .. } => {
             let client = match outbox_relay::sql::connect(&cfg.postgres).await {
                 Ok(c) => c,
-                Err(e) => return fail(e),
+                Err(e) => return fail_connect(&cfg, e, EXIT_FAILURE),
             };
             match status::collect(&client, &cfg.postgres.slot, &cfg.postgres.publication).await {
                 Ok(s) => {
@@ -208,7 +239,7 @@ async fn replay_cmd(cfg: Config, args: ReplayArgs) -> ExitCode {
                 println!("replayed bookmark {} up to {end}", opts.name);
                 ExitCode::SUCCESS
             }
-            Err(e) => fail(e),
+            Err(e) => fail_replay(e),
         };
     }
     let range = match (args.from_id, args.from_time) {
@@ -231,7 +262,7 @@ async fn replay_cmd(cfg: Config, args: ReplayArgs) -> ExitCode {
             println!("replayed {n} rows from {}", cfg.postgres.table);
             ExitCode::SUCCESS
         }
-        Err(e) => fail(e),
+        Err(e) => fail_replay(e),
     }
 }
 
@@ -239,7 +270,7 @@ async fn peek(cfg: Config, args: PeekArgs) -> ExitCode {
     let slot = match &args.bookmark {
         Some(name) => match replay::bookmark_slot(&cfg.postgres.slot, name) {
             Ok(s) => s,
-            Err(e) => return fail(e),
+            Err(e) => return fail_replay(e),
         },
         None => cfg.postgres.slot.clone(),
     };
@@ -264,7 +295,7 @@ async fn peek(cfg: Config, args: PeekArgs) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Err(e) => fail(e),
+        Err(e) => fail_replay(e),
     }
 }
 
@@ -274,13 +305,7 @@ async fn status(cfg: Config, json: bool, max_retained: Option<usize>) -> ExitCod
     const EXIT_UNREADABLE: u8 = 4;
     let client = match outbox_relay::sql::connect(&cfg.postgres).await {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!(
-                "error: cannot read the server at {}: {e}",
-                cfg.postgres.redacted_url()
-            );
-            return ExitCode::from(EXIT_UNREADABLE);
-        }
+        Err(e) => return fail_connect(&cfg, e, EXIT_UNREADABLE),
     };
     match status::collect(&client, &cfg.postgres.slot, &cfg.postgres.publication).await {
         Ok(s) => {

@@ -43,6 +43,9 @@ pub enum ReplayError {
     NoSlot(String),
     #[error("{0}")]
     Usage(String),
+    /// The configuration cannot be used (e.g. a malformed connection string).
+    #[error("{0}")]
+    Config(String),
     #[error("PostgreSQL: {0}")]
     Sql(String),
     #[error(transparent)]
@@ -65,7 +68,7 @@ impl From<sql::SqlConnectError> for ReplayError {
     fn from(e: sql::SqlConnectError) -> Self {
         match e {
             sql::SqlConnectError::Postgres(e) => e.into(),
-            sql::SqlConnectError::Config(e) => ReplayError::Usage(e.to_string()),
+            sql::SqlConnectError::Config(e) => ReplayError::Config(e.to_string()),
         }
     }
 }
