@@ -782,12 +782,16 @@ pub fn known_env_vars() -> Vec<String> {
     names
 }
 
+/// Unknown `OUTBOX_RELAY_*` variables, except the harness's knobs and the
+/// Kubernetes service links of a Service named `outbox-relay[-*]` (see
+/// [`service_links`]).
 fn unknown_env_vars(env: &BTreeMap<String, String>) -> Vec<Problem> {
     let known = known_env_vars();
-    env.keys()
-        .filter(|k| k.starts_with(ENV_PREFIX))
-        .filter(|k| !known.contains(k) && !NON_SETTING_ENV_VARS.contains(&k.as_str()))
-        .map(|name| {
+    env.iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .filter(|(k, _)| !known.contains(k) && !NON_SETTING_ENV_VARS.contains(&k.as_str()))
+        .filter(|(k, v)| !service_links::is_service_link(k, v, env))
+        .map(|(name, _)| {
             let fix = if name.starts_with("OUTBOX_RELAY_KAFKA_PROPERT") {
                 "Kafka properties have no environment variable: use --kafka-property KEY=VALUE \
                  or [kafka.properties] in the config file, and unset it"
@@ -851,6 +855,8 @@ where
     let matches = rewire(Cli::command(), env).try_get_matches_from(args)?;
     Cli::from_arg_matches(&matches)
 }
+
+pub mod service_links;
 
 #[cfg(test)]
 mod tests;
