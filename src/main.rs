@@ -2,6 +2,7 @@
 //! to an exit code. Everything else lives in the library (see `lib.rs`).
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
@@ -132,6 +133,18 @@ async fn run(cfg: Config, start_lsn: Option<outbox_relay::Lsn>) -> ExitCode {
                 return ExitCode::from(EXIT_CONFIG);
             }
         }
+    }
+    // Samples the slot while the session does not: standby readiness and role,
+    // fresh slot gauges when the session's sampler fails.
+    if cfg.relay.http_listen_addr().is_some() {
+        tokio::spawn(status::watch::watch_slot(
+            cfg.postgres.clone(),
+            cfg.relay
+                .slot_busy_retry
+                .clamp(Duration::from_secs(1), Duration::from_secs(10)),
+            metrics.clone(),
+            http_stop.clone(),
+        ));
     }
     // The loop runs on a runtime worker, not under `block_on` on the main
     // thread: profiling showed every IO wake-up otherwise crossing threads

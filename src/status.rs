@@ -22,6 +22,7 @@ use tokio_postgres::{Client, Row};
 use crate::lsn::Lsn;
 
 mod report;
+pub mod watch;
 
 pub use report::{exit_code, exit_reason, human_bytes, render_json, render_text};
 

@@ -333,3 +333,66 @@ async fn peek_shows_pending_events_without_consuming() {
     let expected = Expected::read(&client).await;
     assert_eq!(expected.check(&expected.consume(&env.broker).await), 0);
 }
+
+/// The value of `outbox_relay_role{role=...}`.
+fn role(text: &str, role: &str) -> f64 {
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("/metrics parses");
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "outbox_relay_role" && s.labels.get("role") == Some(role))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+            _ => -1.0,
+        })
+        .unwrap_or(-1.0)
+}
+
+/// Two relays on one slot: the second is a healthy standby, so it is ready
+/// (200, the body says "standby") and its role gauge says standby, while the
+/// first streams; when the first dies the second streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_is_ready_and_says_so() {
+    let env = Env::new(PgVersion::V17).await;
+    let mut first = env.relay();
+    env.wait_streaming(&mut first).await;
+    let first_addr = http_addr(&mut first).await;
+    let mut second = RelayProcess::spawn(
+        &env.args(&["--slot-busy-retry", "1s"]),
+        &[("RUST_LOG", "info")],
+    );
+    let second_addr = http_addr(&mut second).await;
+    wait_until(DEADLINE, "the second relay is a ready standby", || {
+        let addr = second_addr.clone();
+        async move {
+            let (code, body) = get(&addr, "/readyz").await;
+            code == 200 && body.starts_with("ready: standby")
+        }
+    })
+    .await;
+    let (_, body) = get(&second_addr, "/metrics").await;
+    assert_eq!(role(&body, "standby"), 1.0, "{body}");
+    assert_eq!(role(&body, "streaming"), 0.0, "{body}");
+    assert_eq!(metric(&body, "outbox_relay_streaming"), 0.0, "{body}");
+    // The standby samples the slot too: its gauges are live, not zeros.
+    assert!(
+        metric(&body, "outbox_relay_slot_sample_age_seconds") >= 0.0,
+        "{body}"
+    );
+    let (code, body) = get(&first_addr, "/readyz").await;
+    assert_eq!((code, body.as_str()), (200, "ready\n"));
+    let (_, body) = get(&first_addr, "/metrics").await;
+    assert_eq!(role(&body, "streaming"), 1.0, "{body}");
+
+    first.kill9();
+    wait_until(DEADLINE, "the standby takes over and streams", || {
+        let addr = second_addr.clone();
+        async move {
+            let (code, body) = get(&addr, "/readyz").await;
+            let (_, metrics) = get(&addr, "/metrics").await;
+            code == 200 && body == "ready\n" && role(&metrics, "streaming") == 1.0
+        }
+    })
+    .await;
+}

@@ -38,6 +38,17 @@ pub const SLOT_WAL_STATUS: &str = "outbox_relay_slot_wal_status";
 pub const SLOT_HELD: &str = "outbox_relay_slot_held";
 /// Gauge. 1 while the replication stream is up.
 pub const STREAMING: &str = "outbox_relay_streaming";
+/// Gauge, label `role` (`streaming`, `standby`, `down`), computed at scrape:
+/// 1 for the relay's current role. `standby`: another process streams from
+/// the slot and this relay is ready to take over. Alert over the pair: no
+/// relay with `role="streaming"` for minutes.
+pub const ROLE: &str = "outbox_relay_role";
+/// Gauge, computed at scrape. Seconds since the last successful SQL sample
+/// of the slot (lag, retained WAL, `wal_status`); -1 before the first. The
+/// slot gauges are only as fresh as this. Alert: above a minute.
+pub const SLOT_SAMPLE_AGE_SECONDS: &str = "outbox_relay_slot_sample_age_seconds";
+/// Counter. SQL samples of the slot that failed (the sampler retries).
+pub const SLOT_SAMPLE_ERRORS_TOTAL: &str = "outbox_relay_slot_sample_errors_total";
 /// Gauge, computed at scrape: 1 when `/readyz` answers 200.
 /// Alert: 0 for 5 minutes.
 pub const READY: &str = "outbox_relay_ready";
@@ -111,6 +122,9 @@ pub const ALL: &[&str] = &[
     PRODUCER_REBUILDS_TOTAL,
     STATUS_UPDATES_TOTAL,
     BUILD_INFO,
+    ROLE,
+    SLOT_SAMPLE_AGE_SECONDS,
+    SLOT_SAMPLE_ERRORS_TOTAL,
 ];
 
 /// Histograms among [`ALL`]: a scrape shows them as `_bucket`, `_sum`

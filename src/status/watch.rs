@@ -1,0 +1,114 @@
+//! The slot watcher: a light task beside `run` that samples the slot over its
+//! own SQL connection whenever the relay's session does not:
+//!
+//! * **Standby.** While this relay does not stream and another backend does,
+//!   it is a standby: the sample tells readiness so (`/readyz` 200 "standby",
+//!   `outbox_relay_role{role="standby"}`), and the slot gauges stay current
+//!   (lag, retained WAL, `wal_status`: a slot invalidated while the other relay
+//!   streamed shows `lost` here).
+//! * **Stale sampler.** While this relay streams, the session's own sampler
+//!   feeds the gauges; if its samples stop (its connection broke), the watcher
+//!   samples instead, reconnecting as needed, so the gauges never freeze.
+//!
+//! Failures are retried every period; the first of a streak logs a WARN, the
+//! recovery an INFO.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::PostgresConfig;
+use crate::metrics::Metrics;
+use crate::sql::{self, SqlConnection};
+
+/// How long one standby sample counts, in sampling periods: a standby whose
+/// samples fail for this long is not ready any more.
+const VALID_PERIODS: u32 = 3;
+
+/// The session's own sampler runs every 5 s; after this long without a
+/// successful sample the watcher samples while streaming too.
+const STALE_AFTER: Duration = Duration::from_secs(15);
+
+/// Samples `pg.slot` every `period` until `stop` (see the module documentation).
+pub async fn watch_slot(
+    pg: PostgresConfig,
+    period: Duration,
+    metrics: Metrics,
+    stop: CancellationToken,
+) {
+    let valid_for = period * VALID_PERIODS + Duration::from_secs(1);
+    let mut conn: Option<SqlConnection> = None;
+    let mut failing = false;
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let streaming = metrics.is_streaming();
+        if streaming
+            && metrics
+                .slot_sample_age()
+                .is_some_and(|age| age < STALE_AFTER)
+        {
+            // The session samples; free our connection.
+            conn = None;
+            continue;
+        }
+        match sample(&pg, &mut conn, &metrics, streaming).await {
+            Ok(holder) => {
+                if failing {
+                    tracing::info!(slot = %pg.slot, "slot sampling works again");
+                    failing = false;
+                }
+                if !streaming {
+                    metrics.standby_sample(holder, valid_for);
+                }
+            }
+            Err(e) => {
+                metrics.slot_sample_failed();
+                if !streaming {
+                    metrics.standby_sample(None, valid_for);
+                }
+                if !failing {
+                    tracing::warn!(slot = %pg.slot, error = %e, retry_in = ?period, "cannot sample the slot over SQL; the slot gauges are stale until it works again");
+                    failing = true;
+                }
+                conn = None;
+            }
+        }
+    }
+}
+
+/// One sample; `Ok(Some(pid))` when another backend streams from the slot.
+async fn sample(
+    pg: &PostgresConfig,
+    conn: &mut Option<SqlConnection>,
+    metrics: &Metrics,
+    streaming: bool,
+) -> Result<Option<i32>, String> {
+    if conn.as_ref().map_or(true, |c| c.is_closed()) {
+        *conn = Some(sql::connect(pg).await.map_err(|e| match e {
+            sql::SqlConnectError::Postgres(e) => crate::setup::describe_pg_error(&e),
+            other => other.to_string(),
+        })?);
+    }
+    let client = conn.as_ref().expect("connected just above");
+    let sample = crate::status::sample_lag(client, &pg.slot)
+        .await
+        .map_err(|e| crate::setup::describe_pg_error(&e))?;
+    metrics.slot_sample_succeeded();
+    Ok(match sample {
+        Some(s) => {
+            metrics.slot_sample(&s);
+            // While streaming, the active backend is our own session.
+            if streaming {
+                None
+            } else {
+                s.active_pid.filter(|_| s.active)
+            }
+        }
+        None => None,
+    })
+}
