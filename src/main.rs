@@ -149,25 +149,33 @@ async fn run(cfg: Config, start_lsn: Option<outbox_relay::Lsn>) -> ExitCode {
     // The loop runs on a runtime worker, not under `block_on` on the main
     // thread: profiling showed every IO wake-up otherwise crossing threads
     // (the worker's driver waking the main thread), about half the relay's CPU.
-    let relay =
-        Relay::with_metrics(cfg, shutdown_signal(), metrics).stream_options(StreamOptions {
+    let serving = cfg.relay.http_listen_addr().is_some();
+    let pg = cfg.postgres.clone();
+    let relay = Relay::with_metrics(cfg, shutdown_signal(), metrics.clone()).stream_options(
+        StreamOptions {
             start_lsn,
             ..StreamOptions::default()
-        });
+        },
+    );
     let result = tokio::spawn(relay.run())
         .await
         .expect("the relay task does not panic");
-    http_stop.cancel();
-    match result {
+    let code = match result {
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS
         }
         Err(e) => {
             tracing::error!("{e}");
+            if serving {
+                // An invalidated slot stays on /metrics long enough to be scraped.
+                status::watch::linger_if_slot_lost(&pg, &metrics, shutdown_signal()).await;
+            }
             ExitCode::from(EXIT_FAILURE)
         }
-    }
+    };
+    http_stop.cancel();
+    code
 }
 
 fn fail(e: impl std::fmt::Display) -> ExitCode {

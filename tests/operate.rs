@@ -396,3 +396,124 @@ async fn a_standby_is_ready_and_says_so() {
     })
     .await;
 }
+
+/// The lag sampler's SQL connection dies (terminated by an operator, a
+/// pooler, a failover): the slot gauges keep moving (the watcher samples over
+/// a fresh connection), the sample age stays small, and the log says so once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_gauges_keep_moving_after_the_sampling_connection_dies() {
+    let env = Env::new(PgVersion::V15).await;
+    let client = env.client().await;
+    let mut relay = RelayProcess::spawn(&env.args(&[]), &[("RUST_LOG", "info")]);
+    env.wait_streaming(&mut relay).await;
+    let addr = http_addr(&mut relay).await;
+    wait_until(DEADLINE, "a first slot sample", || {
+        let addr = addr.clone();
+        async move {
+            metric(
+                &get(&addr, "/metrics").await.1,
+                "outbox_relay_slot_sample_age_seconds",
+            ) >= 0.0
+        }
+    })
+    .await;
+    // Every SQL (not replication) connection of the relay.
+    let killed: i64 = client
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = 'outbox-relay' AND backend_type = 'client backend'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(killed >= 1, "the relay's SQL connection was found");
+    client
+        .batch_execute("CREATE TABLE filler AS SELECT g FROM generate_series(1, 20000) g")
+        .await
+        .unwrap();
+    let after = lsn_to_u64(&current_wal_lsn(&client).await) as f64;
+    wait_until(
+        Duration::from_secs(60),
+        "the server WAL gauge passes the WAL written after the kill",
+        || {
+            let addr = addr.clone();
+            async move {
+                let body = get(&addr, "/metrics").await.1;
+                metric(&body, "outbox_relay_server_wal_lsn") >= after
+                    && metric(&body, "outbox_relay_slot_sample_age_seconds") < 20.0
+            }
+        },
+    )
+    .await;
+    assert!(
+        relay.log().contains("lag sampling connection lost"),
+        "{}",
+        relay.log()
+    );
+    assert_eq!(get(&addr, "/readyz").await.0, 200);
+}
+
+/// A relay that stops on an invalidated slot shows it before it exits:
+/// `wal_status="lost"` on /metrics and the reason on /readyz, for long
+/// enough to be scraped (the SlotLost alert could never fire before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidated_slot_is_visible_before_the_relay_exits() {
+    let pg = harness::PgCluster::start(
+        PgVersion::V17,
+        &[("max_slot_wal_keep_size", "1MB"), ("wal_keep_size", "0")],
+    );
+    let env = Env::with_pg(pg).await;
+    let client = env.client().await;
+    let mut relay = env.relay();
+    env.wait_streaming(&mut relay).await;
+    relay.kill9();
+    client
+        .batch_execute("CREATE TABLE filler AS SELECT 1 AS x")
+        .await
+        .unwrap();
+    wait_until(DEADLINE, "the slot loses its WAL", || async {
+        client
+            .batch_execute(
+                "INSERT INTO filler SELECT g FROM generate_series(1, 20000) g;
+                 SELECT pg_switch_wal(); CHECKPOINT;",
+            )
+            .await
+            .unwrap();
+        client
+            .query_one(
+                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
+                &[&env.slot],
+            )
+            .await
+            .unwrap()
+            .get::<_, Option<String>>(0)
+            .as_deref()
+            == Some("lost")
+    })
+    .await;
+    let mut relay = env.relay();
+    let addr = http_addr(&mut relay).await;
+    wait_until(
+        DEADLINE,
+        "the lost slot shows on /metrics and /readyz",
+        || {
+            let addr = addr.clone();
+            async move {
+                let (code, body) = get(&addr, "/readyz").await;
+                code == 503
+                    && body.contains("invalidated")
+                    && get(&addr, "/metrics")
+                        .await
+                        .1
+                        .contains("outbox_relay_slot_wal_status{status=\"lost\"} 1")
+            }
+        },
+    )
+    .await;
+    let status = relay
+        .wait_exit(Duration::from_secs(90))
+        .await
+        .expect("the relay exits after showing it");
+    assert_eq!(status.code(), Some(1));
+}

@@ -94,6 +94,11 @@ impl Metrics {
         self.progress().readiness.role(Instant::now())
     }
 
+    /// The relay stopped for good (`reason` is what `/readyz` says from now on).
+    pub fn fatal(&self, reason: String) {
+        self.progress().readiness.set_fatal(reason);
+    }
+
     /// Whether the replication stream is up.
     pub fn is_streaming(&self) -> bool {
         self.progress().readiness.is_streaming()

@@ -69,6 +69,8 @@ pub struct Readiness {
     stall_timeout: Duration,
     /// Until when the last standby sample counts, and the holder it saw.
     standby_until: Option<(Instant, Option<i32>)>,
+    /// The relay stopped for good, and why (it is about to exit).
+    fatal: Option<String>,
     streaming: bool,
     /// When `streaming` last changed (or when this value was built).
     streaming_changed: Instant,
@@ -91,6 +93,7 @@ impl Readiness {
         Readiness {
             stall_timeout,
             standby_until: None,
+            fatal: None,
             streaming: false,
             streaming_changed: now,
             ever_streamed: false,
@@ -183,6 +186,11 @@ impl Readiness {
         };
     }
 
+    /// The relay stopped for good: never ready again, for this reason.
+    pub fn set_fatal(&mut self, reason: String) {
+        self.fatal = Some(reason);
+    }
+
     /// The role right now (for the role gauge).
     pub fn role(&self, now: Instant) -> Role {
         match self.state(now) {
@@ -199,6 +207,9 @@ impl Readiness {
 
     /// Like [`Readiness::is_ready`], saying what the ready relay does.
     pub fn state(&self, now: Instant) -> Result<Ready, String> {
+        if let Some(reason) = &self.fatal {
+            return Err(reason.clone());
+        }
         if !self.streaming {
             if let Some((until, holder_pid)) = self.standby_until {
                 if now <= until {

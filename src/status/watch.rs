@@ -21,6 +21,11 @@ use crate::config::PostgresConfig;
 use crate::metrics::Metrics;
 use crate::sql::{self, SqlConnection};
 
+/// How long a relay that stops on an invalidated slot keeps serving
+/// `/metrics` (`wal_status="lost"`) and `/readyz` (503, the reason): two
+/// scrapes at Prometheus' default 15 s interval, with margin.
+pub const LOST_SLOT_LINGER: Duration = Duration::from_secs(40);
+
 /// How long one standby sample counts, in sampling periods: a standby whose
 /// samples fail for this long is not ready any more.
 const VALID_PERIODS: u32 = 3;
@@ -111,4 +116,32 @@ async fn sample(
         }
         None => None,
     })
+}
+
+/// After a fatal error: if the slot is invalidated (`wal_status = 'lost'`),
+/// show it on the metrics and in `/readyz`, and keep serving them for
+/// [`LOST_SLOT_LINGER`] (or until `stop`), so the `OutboxRelaySlotLost` alert
+/// gets its scrape before the process exits. Anything else returns at once.
+pub async fn linger_if_slot_lost(pg: &PostgresConfig, metrics: &Metrics, stop: CancellationToken) {
+    let Ok(conn) = sql::connect(pg).await else {
+        return;
+    };
+    let Ok(Some(s)) = crate::status::sample_lag(&conn, &pg.slot).await else {
+        return;
+    };
+    drop(conn);
+    if s.wal_status.as_deref() != Some("lost") {
+        return;
+    }
+    metrics.slot_sample(&s);
+    metrics.slot_sample_succeeded();
+    metrics.fatal(format!(
+        "slot {} is invalidated (wal_status = lost): events may be missing; drop it, let the relay create a new one, and backfill with table replay",
+        pg.slot
+    ));
+    tracing::info!(slot = %pg.slot, linger = ?LOST_SLOT_LINGER, "serving /metrics a little longer so the invalidated slot is scraped");
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = tokio::time::sleep(LOST_SLOT_LINGER) => {}
+    }
 }
