@@ -158,7 +158,10 @@ pub struct ReplayArgs {
     #[arg(long, value_name = "NAME", env = "OUTBOX_RELAY_FROM_BOOKMARK",
           conflicts_with_all = ["from_id", "from_time"])]
     pub from_bookmark: Option<String>,
-    /// With --from-bookmark: stop at this LSN [default: the server's WAL position at start]
+    /// With --from-bookmark: end of the range, exclusive: transactions whose commit
+    /// LSN is at or above the bookmark's position and below this are replayed (an
+    /// `outbox-relay-commit-lsn` header value is the natural input; it must be above
+    /// the bookmark's position) [default: the server's WAL position at start, logged]
     #[arg(
         long,
         value_name = "LSN",
@@ -170,7 +173,8 @@ pub struct ReplayArgs {
     /// on it, so it can be replayed again) instead of dropping it after success
     #[arg(long, env = "OUTBOX_RELAY_KEEP_BOOKMARK", requires = "from_bookmark")]
     pub keep_bookmark: bool,
-    /// Re-publish table rows with id >= this, in id order
+    /// Re-publish table rows with id >= this, in id order (refused for a uuid id
+    /// column without --force: random uuids are not in insertion order)
     #[arg(
         long,
         value_name = "ID",
@@ -178,7 +182,7 @@ pub struct ReplayArgs {
         conflicts_with = "from_time"
     )]
     pub from_id: Option<String>,
-    /// With --from-id: last id to include
+    /// With --from-id: last id to include (inclusive)
     #[arg(
         long,
         value_name = "ID",
@@ -187,9 +191,11 @@ pub struct ReplayArgs {
     )]
     pub to_id: Option<String>,
     /// Re-publish table rows with <time column> >= this timestamp, in time order
+    /// (`created_at DEFAULT now()` is the inserting transaction's start time, not
+    /// its commit: start a few minutes earlier than the first event you need)
     #[arg(long, value_name = "TIMESTAMP", env = "OUTBOX_RELAY_FROM_TIME")]
     pub from_time: Option<String>,
-    /// With --from-time: first timestamp to exclude
+    /// With --from-time: first timestamp to exclude (exclusive)
     #[arg(
         long,
         value_name = "TIMESTAMP",
@@ -208,6 +214,10 @@ pub struct ReplayArgs {
     /// Send every replayed record to this topic instead of its mapped one
     #[arg(long, value_name = "TOPIC", env = "OUTBOX_RELAY_TOPIC_OVERRIDE")]
     pub topic_override: Option<String>,
+    /// With --from-id: replay by id even when the id column's type (uuid) is
+    /// not in insertion order
+    #[arg(long, env = "OUTBOX_RELAY_FORCE", requires = "from_id")]
+    pub force: bool,
     #[command(flatten)]
     pub config: ConfigArgs,
 }

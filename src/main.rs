@@ -256,8 +256,11 @@ async fn replay_cmd(cfg: Config, args: ReplayArgs) -> ExitCode {
             keep: args.keep_bookmark,
         };
         return match replay::replay_bookmark(&cfg, &opts, shutdown_signal()).await {
-            Ok(end) => {
-                println!("replayed bookmark {} up to {end}", opts.name);
+            Ok(done) => {
+                println!(
+                    "replayed bookmark {}: {} records sent, commits in [{}, {})",
+                    opts.name, done.records, done.from, done.to
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => fail_replay(e),
@@ -278,7 +281,7 @@ async fn replay_cmd(cfg: Config, args: ReplayArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    match replay::replay_table(&cfg, &range, args.topic_override).await {
+    match replay::replay_table(&cfg, &range, args.topic_override, args.force).await {
         Ok(n) => {
             println!("replayed {n} rows from {}", cfg.postgres.table);
             ExitCode::SUCCESS

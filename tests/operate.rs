@@ -517,3 +517,94 @@ async fn an_invalidated_slot_is_visible_before_the_relay_exits() {
         .expect("the relay exits after showing it");
     assert_eq!(status.code(), Some(1));
 }
+
+/// `--to-lsn` at or below the bookmark's position is an empty range: refused,
+/// the bookmark kept. A real replay prints how many records it sent and logs
+/// its end as `--to-lsn`. Table replay by a uuid id needs --force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_ranges_are_exact_and_say_what_they_did() {
+    let env = Env::new(PgVersion::V17).await;
+    let client = env.client().await;
+    let mut relay = env.relay();
+    env.wait_streaming(&mut relay).await;
+    let a_end = insert_rows(&client, 0, 4, 2).await;
+    let after_a = lsn_to_u64(&current_wal_lsn(&client).await);
+    wait_until(DEADLINE, "slot confirms batch A", || async {
+        env.confirmed(&client).await >= after_a
+    })
+    .await;
+    let (code, out, err) = command(&env, &["bookmark", "create", "bm"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let bookmark = format!("{}_bookmark_bm", env.slot);
+    let position: String = client
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&bookmark],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let b_end = insert_rows(&client, a_end, 6, 3).await;
+    let bookmark_exists = || async {
+        client
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&bookmark],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    };
+    for to in [position.as_str(), "0/1"] {
+        let (code, out, err) = command(&env, &["replay", "--from-bookmark", "bm", "--to-lsn", to]);
+        assert_eq!(code, 1, "--to-lsn {to}: {out}{err}");
+        assert!(err.contains("is kept") && err.contains("empty"), "{err}");
+        assert!(
+            bookmark_exists().await,
+            "--to-lsn {to} dropped the bookmark"
+        );
+    }
+    let (code, out, err) = command(
+        &env,
+        &[
+            "replay",
+            "--from-bookmark",
+            "bm",
+            "--keep-bookmark",
+            "--topic-override",
+            "again",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let n = b_end - a_end;
+    assert!(
+        out.contains(&format!(": {n} records sent, commits in [{position}, ")),
+        "{out}"
+    );
+    assert!(
+        err.contains("--to-lsn"),
+        "the end is logged as --to-lsn: {err}"
+    );
+    assert!(bookmark_exists().await);
+
+    // The shipped table's ids are random uuids: replay by id is refused...
+    let zero = "00000000-0000-0000-0000-000000000000";
+    let (code, out, err) = command(&env, &["replay", "--from-id", zero]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("--force") && err.contains("uuid"), "{err}");
+    // ... unless forced.
+    let (code, out, err) = command(
+        &env,
+        &[
+            "replay",
+            "--from-id",
+            zero,
+            "--force",
+            "--topic-override",
+            "by_id",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("replayed {b_end} rows")), "{out}");
+}
