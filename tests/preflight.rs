@@ -85,8 +85,11 @@ async fn preflight(cfg: &Config, client: &tokio_postgres::Client) -> Vec<Problem
     assert_eq!(blocking, errors);
     // Most tests connect as the superuser `postgres`, which `check` notes as more
     // privilege than needed (see setup::checks); these tests are about the rest.
+    // The harness leaves max_slot_wal_keep_size at its default, -1, which
+    // `check` notes (tested in wal_senders_and_wal_keep_as_a_least_privileged_role).
     all.into_iter()
         .filter(|p| !p.what.contains("is a superuser"))
+        .filter(|p| !p.what.starts_with("max_slot_wal_keep_size is -1"))
         .collect()
 }
 
@@ -683,4 +686,58 @@ async fn a_lost_connection_is_transient() {
     let err = setup::ensure_publication(&cfg, &client).await.unwrap_err();
     assert!(matches!(err, SetupError::Postgres(_)), "{err}");
     assert!(err.is_transient(), "{err}");
+}
+
+/// WAL-sender headroom as the least-privileged role sees it: other roles'
+/// walsenders have a NULL `backend_type` in its `pg_stat_activity`, so only
+/// `pg_stat_get_wal_senders()` counts them. And an unlimited
+/// `max_slot_wal_keep_size` is noted.
+#[tokio::test]
+async fn wal_senders_and_wal_keep_as_a_least_privileged_role() {
+    let cluster = PgCluster::start(PgVersion::V17, &[("max_wal_senders", "2")]);
+    let admin = cluster.client().await;
+    for file in [
+        "01_outbox_table.sql",
+        "02_publication.sql",
+        "03_relay_role.sql",
+    ] {
+        admin.batch_execute(&sql_file(file)).await.unwrap();
+    }
+    let relay = connect_as(&cluster, "outbox_relay").await;
+    let mut cfg = config(&cluster);
+    cfg.postgres.publication = "outbox_relay".into();
+    let all = setup::diagnose(&cfg, &relay).await.unwrap();
+    assert!(
+        all.iter()
+            .any(|p| !p.is_error() && p.what.starts_with("max_slot_wal_keep_size is -1")),
+        "{all:#?}"
+    );
+    assert!(errors(&all).is_empty(), "{all:#?}");
+
+    // Two replication connections of another role take both WAL senders.
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let repl = outbox_relay::replication::ReplicationClient::connect(
+            &outbox_relay::replication::ConnectConfig {
+                host: "127.0.0.1".into(),
+                port: cluster.port(),
+                user: "postgres".into(),
+                password: None,
+                dbname: "postgres".into(),
+                application_name: format!("physical-{i}"),
+                connect_timeout: Duration::from_secs(10),
+                max_frame_bytes: 16 << 20,
+                tls: Default::default(),
+            },
+        )
+        .await
+        .expect("replication connection");
+        held.push(repl);
+    }
+    let errors = errors_of(&cfg, &relay).await;
+    assert!(
+        errors.iter().any(|e| e.contains("all 2 WAL senders")),
+        "{errors:#?}"
+    );
+    drop(held);
 }
