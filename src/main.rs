@@ -368,9 +368,10 @@ async fn check(cfg: Config) -> ExitCode {
         }
     };
     match setup::diagnose(&cfg, &client).await {
-        Ok(problems) => {
+        Ok(mut problems) => {
+            problems.extend(setup::diagnose_kafka(&cfg).await);
             if problems.is_empty() {
-                println!("ok: configuration and server are ready for the relay");
+                println!("ok: configuration, PostgreSQL and Kafka are ready for the relay");
                 return ExitCode::SUCCESS;
             }
             println!("{}", setup::render_problems(&problems));

@@ -741,3 +741,54 @@ async fn wal_senders_and_wal_keep_as_a_least_privileged_role() {
     );
     drop(held);
 }
+
+/// `check` contacts Kafka: an unreachable broker is an error; a fixed topic
+/// must exist (creation off) or be creatable (asked validate-only, nothing is
+/// created); template topics cannot be listed and are said to be so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_contacts_kafka_and_judges_the_topics() {
+    let broker = harness::Broker::start_memory();
+    broker.warm_up().await;
+    let mut cfg = Config::default();
+    cfg.kafka.brokers = broker.bootstrap();
+    let fixed = unique_name("fixed");
+    cfg.mapping.topic = Some(fixed.clone());
+
+    cfg.kafka.create_topics = false;
+    let p = setup::diagnose_kafka(&cfg).await;
+    assert_eq!(p.len(), 1, "{p:#?}");
+    assert!(
+        p[0].is_error() && p[0].what.contains(&fixed) && p[0].what.contains("does not exist"),
+        "{p:#?}"
+    );
+
+    broker.create_topic(&fixed, 1).await;
+    cfg.kafka.create_topics = false;
+    assert_eq!(setup::diagnose_kafka(&cfg).await, []);
+
+    // A missing topic Kafka may create is fine (a validate-only request; tansu
+    // ignores the flag and creates it, which the relay would do anyway).
+    cfg.kafka.create_topics = true;
+    cfg.relay.dead_letter_topic = Some(unique_name("dlq"));
+    assert_eq!(setup::diagnose_kafka(&cfg).await, []);
+    cfg.relay.dead_letter_topic = None;
+    cfg.kafka.create_topics = false;
+
+    // Topics named by the rows cannot be listed ahead.
+    cfg.mapping.topic = None;
+    let p = setup::diagnose_kafka(&cfg).await;
+    assert_eq!(p.len(), 1, "{p:#?}");
+    assert!(
+        !p[0].is_error() && p[0].what.contains("cannot list them"),
+        "{p:#?}"
+    );
+
+    // Nobody listening.
+    cfg.kafka.brokers = "127.0.0.1:9".into();
+    let p = setup::diagnose_kafka(&cfg).await;
+    assert_eq!(p.len(), 1, "{p:#?}");
+    assert!(
+        p[0].is_error() && p[0].what.contains("cannot reach Kafka at 127.0.0.1:9"),
+        "{p:#?}"
+    );
+}
