@@ -68,6 +68,7 @@ pub enum Command {
     /// Show the slot, its position, lag and retained WAL, bookmarks and the
     /// publication (no streaming); exit 1 slot missing, 2 invalidated,
     /// 3 retaining more than --max-retained-bytes, 4 server unreadable,
+    /// 5 a bookmark retaining more than --max-bookmark-retained-bytes,
     /// 64 invalid command line or configuration
     Status(StatusArgs),
     /// Bookmarks: copies of the slot that retain WAL from a point, to replay from
@@ -250,6 +251,10 @@ pub struct StatusArgs {
     /// Exit 3 when the slot retains more WAL than this, e.g. 10GiB
     #[arg(long, value_name = "BYTES", env = "OUTBOX_RELAY_MAX_RETAINED_BYTES", value_parser = parse_byte_size)]
     pub max_retained_bytes: Option<usize>,
+    /// Exit 5 when a bookmark slot retains more WAL than this, e.g. 1GiB (a
+    /// bookmark left behind by a killed replay or --keep-bookmark) [default: no limit]
+    #[arg(long, value_name = "BYTES", env = "OUTBOX_RELAY_MAX_BOOKMARK_RETAINED_BYTES", value_parser = parse_byte_size)]
+    pub max_bookmark_retained_bytes: Option<usize>,
     #[command(flatten)]
     pub config: ConfigArgs,
 }

@@ -57,7 +57,15 @@ fn main() -> ExitCode {
             Command::Replay(args) => replay_cmd(cfg, args).await,
             Command::Peek(args) => peek(cfg, args).await,
             Command::Check(_) => check(cfg).await,
-            Command::Status(args) => status(cfg, args.json, args.max_retained_bytes).await,
+            Command::Status(args) => {
+                status(
+                    cfg,
+                    args.json,
+                    args.max_retained_bytes,
+                    args.max_bookmark_retained_bytes,
+                )
+                .await
+            }
             Command::Demo(args) => {
                 let opts = DemoOptions {
                     rate: args.rate,
@@ -324,8 +332,14 @@ async fn peek(cfg: Config, args: PeekArgs) -> ExitCode {
 }
 
 /// `status`: exit codes are the status module's (0 ok, 1 slot missing,
-/// 2 invalidated, 3 retaining too much); 4 when the server cannot be read.
-async fn status(cfg: Config, json: bool, max_retained: Option<usize>) -> ExitCode {
+/// 2 invalidated, 3 retaining too much, 5 a bookmark retaining too much, opt-in);
+/// 4 when the server cannot be read.
+async fn status(
+    cfg: Config,
+    json: bool,
+    max_retained: Option<usize>,
+    max_bookmark_retained: Option<usize>,
+) -> ExitCode {
     const EXIT_UNREADABLE: u8 = 4;
     let client = match outbox_relay::sql::connect(&cfg.postgres).await {
         Ok(c) => c,
@@ -339,10 +353,16 @@ async fn status(cfg: Config, json: bool, max_retained: Option<usize>) -> ExitCod
                 println!("{}", status::render_text(&s));
             }
             let threshold = max_retained.map_or(u64::MAX, |b| b as u64);
-            if let Some((_, reason)) = status::exit_reason(&s, threshold) {
-                eprintln!("{reason}");
+            let reason = status::exit_reason(&s, threshold).or_else(|| {
+                max_bookmark_retained.and_then(|b| status::bookmark_exit_reason(&s, b as u64))
+            });
+            match reason {
+                Some((code, reason)) => {
+                    eprintln!("{reason}");
+                    ExitCode::from(code as u8)
+                }
+                None => ExitCode::SUCCESS,
             }
-            ExitCode::from(status::exit_code(&s, threshold) as u8)
         }
         Err(e) => {
             eprintln!("error: {}", setup::describe_pg_error(&e));

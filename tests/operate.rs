@@ -608,3 +608,52 @@ async fn replay_ranges_are_exact_and_say_what_they_did() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains(&format!("replayed {b_end} rows")), "{out}");
 }
+
+/// A bookmark left behind shows on /metrics (retained WAL, age) and, when
+/// asked, in `status`'s exit code (5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaked_bookmark_is_visible() {
+    let env = Env::new(PgVersion::V17).await;
+    let client = env.client().await;
+    let mut relay = RelayProcess::spawn(&env.args(&[]), &[("RUST_LOG", "info")]);
+    env.wait_streaming(&mut relay).await;
+    let addr = http_addr(&mut relay).await;
+    let (code, out, err) = command(&env, &["bookmark", "create", "leak"]);
+    assert_eq!(code, 0, "{out}{err}");
+    client
+        .batch_execute("CREATE TABLE filler AS SELECT g FROM generate_series(1, 20000) g")
+        .await
+        .unwrap();
+    let retained = |body: &str| {
+        body.lines()
+            .find(|l| l.starts_with("outbox_relay_bookmark_retained_wal_bytes{bookmark=\"leak\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    wait_until(DEADLINE, "the bookmark's gauges", || {
+        let addr = addr.clone();
+        async move {
+            let body = get(&addr, "/metrics").await.1;
+            retained(&body).is_some_and(|r| r > 100_000.0)
+                && body.contains("outbox_relay_bookmark_age_seconds{bookmark=\"leak\"}")
+        }
+    })
+    .await;
+    let (code, _, err) = command(&env, &["status"]);
+    assert_eq!(code, 0, "the bookmark check is opt-in: {err}");
+    let (code, _, err) = command(&env, &["status", "--max-bookmark-retained-bytes", "1KiB"]);
+    assert_eq!(code, 5, "{err}");
+    assert!(
+        err.contains("\"leak\"") && err.contains("bookmark drop leak"),
+        "{err}"
+    );
+    let (code, _, err) = command(&env, &["status", "--max-bookmark-retained-bytes", "100GiB"]);
+    assert_eq!(code, 0, "{err}");
+    // Dropped: its series goes away.
+    let (code, out, err) = command(&env, &["bookmark", "drop", "leak"]);
+    assert_eq!(code, 0, "{out}{err}");
+    wait_until(DEADLINE, "the dropped bookmark's series goes", || {
+        let addr = addr.clone();
+        async move { retained(&get(&addr, "/metrics").await.1).is_none() }
+    })
+    .await;
+}

@@ -49,6 +49,14 @@ pub const ROLE: &str = "outbox_relay_role";
 pub const SLOT_SAMPLE_AGE_SECONDS: &str = "outbox_relay_slot_sample_age_seconds";
 /// Counter. SQL samples of the slot that failed (the sampler retries).
 pub const SLOT_SAMPLE_ERRORS_TOTAL: &str = "outbox_relay_slot_sample_errors_total";
+/// Gauge, label `bookmark` (at most 10, then `_other`). WAL a bookmark slot
+/// (`<slot>_bookmark_<name>`) keeps on the server. Alert: a bookmark left
+/// behind (killed replay, `--keep-bookmark`) keeps WAL and `catalog_xmin`.
+pub const BOOKMARK_RETAINED_WAL_BYTES: &str = "outbox_relay_bookmark_retained_wal_bytes";
+/// Gauge, label `bookmark`. Seconds the bookmark has been unused
+/// (PostgreSQL 17+: `now() - inactive_since`; older: since this relay first
+/// saw it). Alert: older than a day.
+pub const BOOKMARK_AGE_SECONDS: &str = "outbox_relay_bookmark_age_seconds";
 /// Gauge, computed at scrape: 1 when `/readyz` answers 200.
 /// Alert: 0 for 5 minutes.
 pub const READY: &str = "outbox_relay_ready";
@@ -125,6 +133,8 @@ pub const ALL: &[&str] = &[
     ROLE,
     SLOT_SAMPLE_AGE_SECONDS,
     SLOT_SAMPLE_ERRORS_TOTAL,
+    BOOKMARK_RETAINED_WAL_BYTES,
+    BOOKMARK_AGE_SECONDS,
 ];
 
 /// Histograms among [`ALL`]: a scrape shows them as `_bucket`, `_sum`

@@ -39,6 +39,10 @@ pub(super) async fn sample_lag(
                         }
                         None => metrics.slot_held(false),
                     }
+                    match crate::status::sample_bookmarks(&client, &slot).await {
+                        Ok(b) => metrics.bookmarks(&b),
+                        Err(e) => tracing::debug!(error = %e, "bookmark sample failed"),
+                    }
                 }
                 Err(e) => {
                     metrics.slot_sample_failed();

@@ -104,6 +104,10 @@ async fn sample(
         .await
         .map_err(|e| crate::setup::describe_pg_error(&e))?;
     metrics.slot_sample_succeeded();
+    let bookmarks = crate::status::sample_bookmarks(client, &pg.slot)
+        .await
+        .map_err(|e| crate::setup::describe_pg_error(&e))?;
+    metrics.bookmarks(&bookmarks);
     Ok(match sample {
         Some(s) => {
             metrics.slot_sample(&s);
