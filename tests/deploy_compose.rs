@@ -822,3 +822,37 @@ fn alert_rules_judge_the_pair() {
         "a rule on stale slot samples"
     );
 }
+
+/// Kafka keeps its topics on the named volume: every log dir lies under a
+/// named volume's mount point (the image's default, /tmp/kraft-combined-logs,
+/// is inside the container, so `down && up` lost every topic while the slot,
+/// on its own volume, stayed confirmed past them).
+#[test]
+fn kafka_log_dirs_are_on_the_named_volume() {
+    let c = compose();
+    let kafka = service(&c, "kafka");
+    let dirs = env_value(kafka, "KAFKA_LOG_DIRS");
+    let named: Vec<String> = kafka["volumes"]
+        .as_sequence()
+        .expect("kafka has volumes")
+        .iter()
+        .map(str_of)
+        .filter_map(|v| {
+            let (src, rest) = v.split_once(':')?;
+            let dst = rest.split(':').next()?;
+            let is_named = !src.starts_with('.') && !src.starts_with('/');
+            (is_named && c["volumes"].get(src).is_some()).then(|| dst.to_string())
+        })
+        .collect();
+    assert!(!named.is_empty(), "kafka mounts a named volume");
+    let metadata = environment(kafka)
+        .into_iter()
+        .find(|(k, _)| k == "KAFKA_METADATA_LOG_DIR")
+        .map(|(_, v)| v);
+    for dir in dirs.split(',').chain(metadata.as_deref()) {
+        assert!(
+            named.iter().any(|m| Path::new(dir).starts_with(m)),
+            "log dir {dir} is not on a named volume ({named:?})"
+        );
+    }
+}
