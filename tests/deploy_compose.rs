@@ -569,10 +569,21 @@ fn dockerfile_paths_user_port_and_healthcheck() {
     assert!(of("EXPOSE")[0].contains(&RELAY_HTTP_PORT.to_string()));
     let health = of("HEALTHCHECK");
     assert_eq!(health.len(), 1);
+    let script = of("COPY")
+        .into_iter()
+        .find(|c| c.contains("healthcheck.sh"))
+        .expect("the healthcheck script is copied into the image")
+        .to_string();
+    let installed = script.split_whitespace().last().unwrap();
     assert!(
-        health[0].contains("/healthz") && health[0].contains(&format!("/{RELAY_HTTP_PORT}")),
+        health[0].contains(&format!("\"{installed}\"")),
         "{}",
         health[0]
+    );
+    let body = read("deploy/docker/healthcheck.sh");
+    assert!(
+        body.contains("/healthz") && body.contains(&format!("127.0.0.1:{RELAY_HTTP_PORT}")),
+        "{body}"
     );
     // /healthz is a route of the relay's HTTP server.
     assert!(read("src/http.rs").contains("\"/healthz\""));
@@ -855,4 +866,70 @@ fn kafka_log_dirs_are_on_the_named_volume() {
             "log dir {dir} is not on a named volume ({named:?})"
         );
     }
+}
+
+/// The image's healthcheck asks /healthz where the relay listens: the
+/// `--http-listen` flag on PID 1's command line, else the variable, else the
+/// default; a wildcard address is asked on loopback; `off` is healthy.
+#[test]
+fn healthcheck_follows_http_listen() {
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    // A stand-in for the relay's /healthz, answering any number of requests.
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut conn in server.incoming().flatten() {
+            // Read the whole request head (it may come in pieces).
+            let mut req = Vec::new();
+            let mut buf = [0u8; 512];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let ok = req.starts_with(b"GET /healthz ");
+            let status = if ok { "200 OK" } else { "404 Not Found" };
+            let _ = write!(conn, "HTTP/1.0 {status}\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str], env: Option<&str>| -> bool {
+        let cmdline = dir.path().join("cmdline");
+        let mut bytes = Vec::new();
+        for a in args {
+            bytes.extend_from_slice(a.as_bytes());
+            bytes.push(0);
+        }
+        std::fs::write(&cmdline, bytes).unwrap();
+        let mut cmd = std::process::Command::new("bash");
+        cmd.arg(root().join("deploy/docker/healthcheck.sh"))
+            .arg(&cmdline)
+            .env_remove("OUTBOX_RELAY_HTTP_LISTEN");
+        if let Some(v) = env {
+            cmd.env("OUTBOX_RELAY_HTTP_LISTEN", v);
+        }
+        cmd.status().unwrap().success()
+    };
+    let at = |p: u16| format!("0.0.0.0:{p}");
+    let (live, dead) = (at(port), at(closed));
+    // The flag, in both spellings, beats the variable (the image sets one).
+    let bin = "/usr/local/bin/outbox-relay";
+    assert!(run(&[bin, "run", "--http-listen", &live], Some(&dead)));
+    assert!(run(
+        &[bin, "run", &format!("--http-listen={live}")],
+        Some(&dead)
+    ));
+    assert!(!run(&[bin, "run", "--http-listen", &dead], Some(&live)));
+    // No flag: the variable.
+    assert!(run(&[bin, "run"], Some(&format!("127.0.0.1:{port}"))));
+    assert!(!run(&[bin, "run"], Some(&dead)));
+    // HTTP off: nothing to ask.
+    assert!(run(&[bin, "run", "--http-listen", "off"], Some(&dead)));
 }
