@@ -541,30 +541,38 @@ async fn peek_changes(
     changes: i32,
     limit: usize,
 ) -> Result<(Vec<Peeked>, bool), ReplayError> {
+    // Streamed: the client holds one message at a time and stops reading at
+    // `limit` records (dropping the stream discards the rest). PostgreSQL itself
+    // stops only at a transaction boundary, so it decodes the first
+    // transaction in full on its side (spilling to disk past work_mem).
+    let pg_error = |e: tokio_postgres::Error| {
+        let text = describe_pg_error(&e);
+        if text.contains("is active for PID") {
+            ReplayError::Usage(format!(
+                "{text}: the running relay holds the slot; peek a bookmark instead \
+                     (outbox-relay bookmark create NAME, then peek --bookmark NAME)"
+            ))
+        } else {
+            ReplayError::Sql(text)
+        }
+    };
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&slot, &changes, &publication];
     let rows = client
-        .query(
+        .query_raw(
             "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2, \
              'proto_version', '1', 'publication_names', $3)",
-            &[&slot, &changes, &publication],
+            params,
         )
         .await
-        .map_err(|e| {
-            let text = describe_pg_error(&e);
-            if text.contains("is active for PID") {
-                ReplayError::Usage(format!(
-                    "{text}: the running relay holds the slot; peek a bookmark instead \
-                     (outbox-relay bookmark create NAME, then peek --bookmark NAME)"
-                ))
-            } else {
-                ReplayError::Sql(text)
-            }
-        })?;
-    let more = rows.len() >= changes as usize;
+        .map_err(pg_error)?;
+    pin_mut!(rows);
+    let mut seen = 0usize;
     let mut decoder = Decoder::new();
     let mut mapper = OutboxMapper::new(cfg.mapping.clone(), cfg.postgres.table.clone());
     let mut txn = None;
     let mut out = Vec::new();
-    for row in rows {
+    while let Some(row) = rows.try_next().await.map_err(pg_error)? {
+        seen += 1;
         let lsn: String = row.get(0);
         let data: Vec<u8> = row.get(1);
         match decoder
@@ -593,12 +601,12 @@ async fn peek_changes(
                         payload: text(&r.payload),
                     });
                     if out.len() >= limit {
-                        break;
+                        return Ok((out, true));
                     }
                 }
             }
             _ => {}
         }
     }
-    Ok((out, more))
+    Ok((out, seen >= changes as usize))
 }

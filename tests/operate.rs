@@ -657,3 +657,60 @@ async fn a_leaked_bookmark_is_visible() {
     })
     .await;
 }
+
+/// `peek --limit 1` on a slot whose first transaction is large holds one
+/// message at a time (it used to load the whole transaction's rows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peek_streams_a_large_first_transaction() {
+    let env = Env::new(PgVersion::V15).await;
+    let client = env.client().await;
+    let mut relay = env.relay();
+    env.wait_streaming(&mut relay).await;
+    relay.sigterm();
+    relay.wait_exit(DEADLINE).await.expect("relay stops");
+    // One transaction of ~120 MB of rows.
+    client
+        .execute(
+            "INSERT INTO outbox_events (aggregatetype, aggregateid, type, payload) \
+             SELECT 'Big', g::text, 'Made', jsonb_build_object('pad', repeat('x', 3000)) \
+             FROM generate_series(1, 40000) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    let out = tempfile::NamedTempFile::new().unwrap();
+    // Reaped below with wait4, which also gives its peak RSS.
+    #[allow(clippy::zombie_processes)]
+    let child = Command::new(RelayProcess::binary())
+        .args([
+            "peek",
+            "--limit",
+            "1",
+            "--json",
+            "--postgres-url",
+            &env.pg.url(),
+            "--slot",
+            &env.slot,
+            "--publication",
+            &env.publication,
+        ])
+        .stdout(out.reopen().unwrap())
+        .spawn()
+        .expect("run peek");
+    let pid = child.id() as libc::pid_t;
+    let (status, max_rss_kib) = tokio::task::spawn_blocking(move || {
+        let mut status = 0;
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: waits for our own child; both pointers are valid locals.
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        assert_eq!(r, pid, "wait4");
+        (status, usage.ru_maxrss)
+    })
+    .await
+    .unwrap();
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+    let printed = std::fs::read_to_string(out.path()).unwrap();
+    assert_eq!(printed.lines().count(), 1, "{printed}");
+    eprintln!("peek --limit 1 over a 40,000-row transaction: peak RSS {max_rss_kib} KiB");
+    assert!(max_rss_kib < 48 * 1024, "peak RSS {max_rss_kib} KiB");
+}
