@@ -714,3 +714,48 @@ async fn peek_streams_a_large_first_transaction() {
     eprintln!("peek --limit 1 over a 40,000-row transaction: peak RSS {max_rss_kib} KiB");
     assert!(max_rss_kib < 48 * 1024, "peak RSS {max_rss_kib} KiB");
 }
+
+/// Every WAL sender taken (SQLSTATE 53300): the relay retries, says why in its
+/// log and in /readyz, and streams once a sender is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_wal_senders_are_named_while_the_relay_retries() {
+    let pg = harness::PgCluster::start(PgVersion::V17, &[("max_wal_senders", "1")]);
+    let env = Env::with_pg(pg).await;
+    let holder = outbox_relay::replication::ReplicationClient::connect(
+        &outbox_relay::replication::ConnectConfig {
+            host: "127.0.0.1".into(),
+            port: env.pg.port(),
+            user: "postgres".into(),
+            password: None,
+            dbname: "postgres".into(),
+            application_name: "sender-hog".into(),
+            connect_timeout: Duration::from_secs(10),
+            max_frame_bytes: 16 << 20,
+            tls: Default::default(),
+        },
+    )
+    .await
+    .expect("the one WAL sender");
+    let mut relay = RelayProcess::spawn(&env.args(&[]), &[("RUST_LOG", "info")]);
+    let addr = http_addr(&mut relay).await;
+    wait_until(DEADLINE, "/readyz names the busy WAL senders", || {
+        let addr = addr.clone();
+        async move {
+            let (code, body) = get(&addr, "/readyz").await;
+            code == 503 && body.contains("all 1 WAL senders") && body.contains("53300")
+        }
+    })
+    .await;
+    assert!(
+        relay.log().contains("the relay cannot start streaming"),
+        "{}",
+        relay.log()
+    );
+    drop(holder);
+    env.wait_streaming(&mut relay).await;
+    wait_until(DEADLINE, "ready once a sender is free", || {
+        let addr = addr.clone();
+        async move { get(&addr, "/readyz").await == (200, "ready\n".to_string()) }
+    })
+    .await;
+}

@@ -734,10 +734,10 @@ async fn wal_senders_and_wal_keep_as_a_least_privileged_role() {
         .expect("replication connection");
         held.push(repl);
     }
-    let errors = errors_of(&cfg, &relay).await;
+    let all = setup::diagnose(&cfg, &relay).await.unwrap();
     assert!(
-        errors.iter().any(|e| e.contains("all 2 WAL senders")),
-        "{errors:#?}"
+        notes(&all).iter().any(|e| e.contains("all 2 WAL senders")),
+        "{all:#?}"
     );
     drop(held);
 }

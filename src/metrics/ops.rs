@@ -133,6 +133,11 @@ impl Metrics {
         self.progress().readiness.set_fatal(reason);
     }
 
+    /// Why the stream is down, as far as a sample can tell.
+    pub fn down_because(&self, why: Option<String>) {
+        self.progress().readiness.set_down_because(why);
+    }
+
     /// Whether the replication stream is up.
     pub fn is_streaming(&self) -> bool {
         self.progress().readiness.is_streaming()

@@ -71,6 +71,9 @@ pub struct Readiness {
     standby_until: Option<(Instant, Option<i32>)>,
     /// The relay stopped for good, and why (it is about to exit).
     fatal: Option<String>,
+    /// Why the stream is down, when a sample found out (e.g. every WAL
+    /// sender is busy); added to the not-ready reason.
+    down_because: Option<String>,
     streaming: bool,
     /// When `streaming` last changed (or when this value was built).
     streaming_changed: Instant,
@@ -94,6 +97,7 @@ impl Readiness {
             stall_timeout,
             standby_until: None,
             fatal: None,
+            down_because: None,
             streaming: false,
             streaming_changed: now,
             ever_streamed: false,
@@ -131,6 +135,7 @@ impl Readiness {
         // the holder we replaced: either way it says nothing after this.
         self.standby_until = None;
         if streaming {
+            self.down_because = None;
             self.ever_streamed = true;
             self.confirmed_moved = now;
             self.lag_baseline = None;
@@ -186,6 +191,11 @@ impl Readiness {
         };
     }
 
+    /// Why the stream is down, as far as a sample can tell (`None`: unknown).
+    pub fn set_down_because(&mut self, why: Option<String>) {
+        self.down_because = why;
+    }
+
     /// The relay stopped for good: never ready again, for this reason.
     pub fn set_fatal(&mut self, reason: String) {
         self.fatal = Some(reason);
@@ -217,11 +227,16 @@ impl Readiness {
                 }
             }
             let since = secs(now.saturating_duration_since(self.streaming_changed));
-            return Err(if self.ever_streamed {
+            let mut reason = if self.ever_streamed {
                 format!("the replication stream is down (for {since}s); the relay is reconnecting")
             } else {
                 format!("the replication stream has not started yet (waiting {since}s)")
-            });
+            };
+            if let Some(why) = &self.down_because {
+                reason.push_str(": ");
+                reason.push_str(why);
+            }
+            return Err(reason);
         }
         if self.in_flight_records > 0 {
             let waiting_since = match (self.last_ack, self.in_flight_since) {

@@ -37,13 +37,17 @@ fn check_server(cfg: &Config, s: &ServerFacts, out: &mut Vec<Problem>) {
         ));
     } else {
         match s.wal_senders_used {
-            Some(used) if used >= i64::from(s.max_wal_senders) => out.push(Problem::new(
+            // A note, not an error: senders come and go (a restarting relay's
+            // old walsender, a replica), and `run` retries SQLSTATE 53300
+            // until one is free, saying why (status::watch).
+            Some(used) if used >= i64::from(s.max_wal_senders) => out.push(Problem::info(
                 format!(
-                    "all {} WAL senders (max_wal_senders) are busy",
+                    "all {} WAL senders (max_wal_senders) are busy right now",
                     s.max_wal_senders
                 ),
                 "raise max_wal_senders in postgresql.conf and restart PostgreSQL, or stop an \
-                 unused replication client (the relay would retry SQLSTATE 53300 until one is free)",
+                 unused replication client; until a sender is free the relay retries \
+                 (SQLSTATE 53300) and /readyz says why",
             )),
             Some(_) => {}
             None => out.push(Problem::info(

@@ -44,6 +44,7 @@ pub async fn watch_slot(
     let valid_for = period * VALID_PERIODS + Duration::from_secs(1);
     let mut conn: Option<SqlConnection> = None;
     let mut failing = false;
+    let mut senders_busy = false;
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -70,6 +71,17 @@ pub async fn watch_slot(
                 if !streaming {
                     metrics.standby_sample(holder, valid_for);
                 }
+                // Not streaming and nobody else is: say why if the server
+                // knows (the session retries SQLSTATE 53300 until a sender is free).
+                let busy = match (&conn, streaming || holder.is_some()) {
+                    (Some(c), false) => wal_senders_busy(c).await,
+                    _ => None,
+                };
+                if busy.is_some() && !senders_busy {
+                    tracing::warn!(slot = %pg.slot, reason = busy.as_deref().unwrap_or_default(), "the relay cannot start streaming");
+                }
+                senders_busy = busy.is_some();
+                metrics.down_because(busy);
             }
             Err(e) => {
                 metrics.slot_sample_failed();
@@ -148,4 +160,26 @@ pub async fn linger_if_slot_lost(pg: &PostgresConfig, metrics: &Metrics, stop: C
         _ = stop.cancelled() => {}
         _ = tokio::time::sleep(LOST_SLOT_LINGER) => {}
     }
+}
+
+/// `Some(reason)` when every WAL sender is taken (what SQLSTATE 53300, "number
+/// of requested standby connections exceeds max_wal_senders", means), counted
+/// with `pg_stat_get_wal_senders()`, which lists every walsender to any role.
+async fn wal_senders_busy(client: &SqlConnection) -> Option<String> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_stat_get_wal_senders()), \
+             current_setting('max_wal_senders')::int8",
+            &[],
+        )
+        .await
+        .ok()?;
+    let (used, max): (i64, i64) = (row.get(0), row.get(1));
+    (used >= max).then(|| {
+        format!(
+            "all {max} WAL senders (max_wal_senders) are busy, so PostgreSQL refuses the \
+             replication connection (SQLSTATE 53300) and the relay retries until one is free; \
+             raise max_wal_senders (restart) or stop an unused replication client"
+        )
+    })
 }
