@@ -44,14 +44,16 @@ RUN apt-get update \
  && useradd --system --uid 10001 --gid outbox-relay --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin outbox-relay
 COPY --from=build /out/outbox-relay /usr/local/bin/outbox-relay
+COPY --chmod=0755 deploy/docker/healthcheck.sh /usr/local/bin/outbox-relay-healthcheck
 
 # Metrics, /healthz and /readyz; the relay listens on 127.0.0.1 unless told.
 ENV OUTBOX_RELAY_HTTP_LISTEN=0.0.0.0:9187
 EXPOSE 9187
 USER 10001:10001
-# /healthz answers 200 while the process serves HTTP (readiness is /readyz). No curl
-# in the image: bash's /dev/tcp speaks the one request.
+# /healthz answers 200 while the process serves HTTP (readiness is /readyz), asked
+# where the relay listens: its --http-listen flag, else OUTBOX_RELAY_HTTP_LISTEN
+# (deploy/docker/healthcheck.sh; bash's /dev/tcp, no curl in the image).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/9187 && printf 'GET /healthz HTTP/1.0\\r\\nHost: localhost\\r\\n\\r\\n' >&3 && head -n 1 <&3 | grep -q ' 200 '"]
+    CMD ["/usr/local/bin/outbox-relay-healthcheck"]
 ENTRYPOINT ["/usr/local/bin/outbox-relay"]
 CMD ["run"]

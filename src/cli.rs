@@ -39,6 +39,25 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Exit code of every command for an invalid command line or configuration
+/// (unknown flag or variable, bad value, unreadable `--config` file): 64, BSD's
+/// `EX_USAGE`. No `status` result uses it (those are 0 to 5), so a script acting
+/// on "slot invalidated" (2) never acts on a typo.
+pub const EXIT_USAGE: u8 = 64;
+
+/// Prints a clap error (or the help / version it stands for) and picks the exit
+/// code: 0 for `--help` and `--version`, [`EXIT_USAGE`] for real errors (clap's
+/// own `exit()` would use 2, which `status` defines as "slot invalidated").
+pub fn exit_for_parse_error(e: &clap::Error) -> std::process::ExitCode {
+    // Printing can only fail when stdout/stderr is closed; nothing to tell then.
+    let _ = e.print();
+    if e.use_stderr() {
+        std::process::ExitCode::from(EXIT_USAGE)
+    } else {
+        std::process::ExitCode::SUCCESS
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Stream inserted outbox rows to Kafka until stopped (SIGTERM drains, then exits 0)
@@ -48,7 +67,9 @@ pub enum Command {
     Check(CheckArgs),
     /// Show the slot, its position, lag and retained WAL, bookmarks and the
     /// publication (no streaming); exit 1 slot missing, 2 invalidated,
-    /// 3 retaining more than --max-retained-bytes, 4 server unreadable
+    /// 3 retaining more than --max-retained-bytes, 4 server unreadable,
+    /// 5 a bookmark retaining more than --max-bookmark-retained-bytes,
+    /// 64 invalid command line or configuration
     Status(StatusArgs),
     /// Bookmarks: copies of the slot that retain WAL from a point, to replay from
     Bookmark(BookmarkArgs),
@@ -138,7 +159,10 @@ pub struct ReplayArgs {
     #[arg(long, value_name = "NAME", env = "OUTBOX_RELAY_FROM_BOOKMARK",
           conflicts_with_all = ["from_id", "from_time"])]
     pub from_bookmark: Option<String>,
-    /// With --from-bookmark: stop at this LSN [default: the server's WAL position at start]
+    /// With --from-bookmark: end of the range, exclusive: transactions whose commit
+    /// LSN is at or above the bookmark's position and below this are replayed (an
+    /// `outbox-relay-commit-lsn` header value is the natural input; it must be above
+    /// the bookmark's position) [default: the server's WAL position at start, logged]
     #[arg(
         long,
         value_name = "LSN",
@@ -150,7 +174,8 @@ pub struct ReplayArgs {
     /// on it, so it can be replayed again) instead of dropping it after success
     #[arg(long, env = "OUTBOX_RELAY_KEEP_BOOKMARK", requires = "from_bookmark")]
     pub keep_bookmark: bool,
-    /// Re-publish table rows with id >= this, in id order
+    /// Re-publish table rows with id >= this, in id order (refused for a uuid id
+    /// column without --force: random uuids are not in insertion order)
     #[arg(
         long,
         value_name = "ID",
@@ -158,7 +183,7 @@ pub struct ReplayArgs {
         conflicts_with = "from_time"
     )]
     pub from_id: Option<String>,
-    /// With --from-id: last id to include
+    /// With --from-id: last id to include (inclusive)
     #[arg(
         long,
         value_name = "ID",
@@ -167,9 +192,11 @@ pub struct ReplayArgs {
     )]
     pub to_id: Option<String>,
     /// Re-publish table rows with <time column> >= this timestamp, in time order
+    /// (`created_at DEFAULT now()` is the inserting transaction's start time, not
+    /// its commit: start a few minutes earlier than the first event you need)
     #[arg(long, value_name = "TIMESTAMP", env = "OUTBOX_RELAY_FROM_TIME")]
     pub from_time: Option<String>,
-    /// With --from-time: first timestamp to exclude
+    /// With --from-time: first timestamp to exclude (exclusive)
     #[arg(
         long,
         value_name = "TIMESTAMP",
@@ -188,6 +215,10 @@ pub struct ReplayArgs {
     /// Send every replayed record to this topic instead of its mapped one
     #[arg(long, value_name = "TOPIC", env = "OUTBOX_RELAY_TOPIC_OVERRIDE")]
     pub topic_override: Option<String>,
+    /// With --from-id: replay by id even when the id column's type (uuid) is
+    /// not in insertion order
+    #[arg(long, env = "OUTBOX_RELAY_FORCE", requires = "from_id")]
+    pub force: bool,
     #[command(flatten)]
     pub config: ConfigArgs,
 }
@@ -220,6 +251,10 @@ pub struct StatusArgs {
     /// Exit 3 when the slot retains more WAL than this, e.g. 10GiB
     #[arg(long, value_name = "BYTES", env = "OUTBOX_RELAY_MAX_RETAINED_BYTES", value_parser = parse_byte_size)]
     pub max_retained_bytes: Option<usize>,
+    /// Exit 5 when a bookmark slot retains more WAL than this, e.g. 1GiB (a
+    /// bookmark left behind by a killed replay or --keep-bookmark) [default: no limit]
+    #[arg(long, value_name = "BYTES", env = "OUTBOX_RELAY_MAX_BOOKMARK_RETAINED_BYTES", value_parser = parse_byte_size)]
+    pub max_bookmark_retained_bytes: Option<usize>,
     #[command(flatten)]
     pub config: ConfigArgs,
 }
@@ -763,12 +798,16 @@ pub fn known_env_vars() -> Vec<String> {
     names
 }
 
+/// Unknown `OUTBOX_RELAY_*` variables, except the harness's knobs and the
+/// Kubernetes service links of a Service named `outbox-relay[-*]` (see
+/// [`service_links`]).
 fn unknown_env_vars(env: &BTreeMap<String, String>) -> Vec<Problem> {
     let known = known_env_vars();
-    env.keys()
-        .filter(|k| k.starts_with(ENV_PREFIX))
-        .filter(|k| !known.contains(k) && !NON_SETTING_ENV_VARS.contains(&k.as_str()))
-        .map(|name| {
+    env.iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .filter(|(k, _)| !known.contains(k) && !NON_SETTING_ENV_VARS.contains(&k.as_str()))
+        .filter(|(k, v)| !service_links::is_service_link(k, v, env))
+        .map(|(name, _)| {
             let fix = if name.starts_with("OUTBOX_RELAY_KAFKA_PROPERT") {
                 "Kafka properties have no environment variable: use --kafka-property KEY=VALUE \
                  or [kafka.properties] in the config file, and unset it"
@@ -832,6 +871,8 @@ where
     let matches = rewire(Cli::command(), env).try_get_matches_from(args)?;
     Cli::from_arg_matches(&matches)
 }
+
+pub mod service_links;
 
 #[cfg(test)]
 mod tests;

@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `/metrics` | Prometheus scrape, OpenMetrics text ([`crate::metrics::CONTENT_TYPE`]) |
 //! | `/healthz` | `200 ok`: the process is alive and serving |
-//! | `/readyz` | `200 ready`, or `503 not ready: <reason>` (see [`crate::metrics::Readiness`]) |
+//! | `/readyz` | `200 ready`, `200 ready: standby; ...` while another process holds the slot, or `503 not ready: <reason>` (see [`crate::metrics::Readiness`]) |
 //!
 //! Anything else is a 404. The listener stops when the shutdown token is
 //! cancelled, after answering the requests in progress.
@@ -19,7 +19,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::{Metrics, CONTENT_TYPE};
+use crate::metrics::{Metrics, Ready, CONTENT_TYPE};
 
 /// Default of `--http-listen`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9187";
@@ -93,8 +93,16 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(metrics): State<Metrics>) -> Response {
-    match metrics.readiness() {
-        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+    match metrics.ready_state() {
+        Ok(Ready::Streaming) => (StatusCode::OK, "ready\n").into_response(),
+        Ok(Ready::Standby { holder_pid }) => {
+            let holder = holder_pid.map_or(String::new(), |pid| format!(" (pid {pid})"));
+            (
+                StatusCode::OK,
+                format!("ready: standby; another process holds the slot{holder}, this relay takes over when it is free\n"),
+            )
+                .into_response()
+        }
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {reason}\n"),
@@ -174,9 +182,29 @@ mod tests {
             "{}",
             r.body
         );
+        // Another process holds the slot: a healthy standby is ready, and says so.
+        metrics.standby_sample(Some(77), Duration::from_secs(60));
+        let r = get(addr, "/readyz").await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(r.body.starts_with("ready: standby;"), "{}", r.body);
+        assert!(r.body.contains("pid 77"), "{}", r.body);
+        let r = get(addr, "/metrics").await;
+        assert!(
+            r.body.contains("outbox_relay_role{role=\"standby\"} 1"),
+            "{}",
+            r.body
+        );
+
         metrics.streaming(true);
         let r = get(addr, "/readyz").await;
         assert_eq!((r.status, r.body.as_str()), (200, "ready\n"));
+        let r = get(addr, "/metrics").await;
+        assert!(
+            r.body.contains("outbox_relay_role{role=\"streaming\"} 1")
+                && r.body.contains("outbox_relay_role{role=\"standby\"} 0"),
+            "{}",
+            r.body
+        );
 
         let r = get(addr, "/metrics").await;
         assert_eq!(r.status, 200);

@@ -2,6 +2,7 @@
 //! to an exit code. Everything else lives in the library (see `lib.rs`).
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
@@ -17,12 +18,16 @@ use outbox_relay::replay::{self, BookmarkReplay, TableRange};
 use outbox_relay::{http, setup, status};
 
 /// Exit codes: 0 success, 1 runtime failure (or `check` found problems),
-/// 2 invalid configuration or command line.
+/// [`cli::EXIT_USAGE`] (64) invalid configuration or command line, for every
+/// command (a code no `status` result uses).
 const EXIT_FAILURE: u8 = 1;
-const EXIT_CONFIG: u8 = 2;
+const EXIT_CONFIG: u8 = cli::EXIT_USAGE;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return cli::exit_for_parse_error(&e),
+    };
     let cfg = match cli::load(&cli) {
         Ok(cfg) => cfg,
         Err(e) => {
@@ -52,7 +57,15 @@ fn main() -> ExitCode {
             Command::Replay(args) => replay_cmd(cfg, args).await,
             Command::Peek(args) => peek(cfg, args).await,
             Command::Check(_) => check(cfg).await,
-            Command::Status(args) => status(cfg, args.json, args.max_retained_bytes).await,
+            Command::Status(args) => {
+                status(
+                    cfg,
+                    args.json,
+                    args.max_retained_bytes,
+                    args.max_bookmark_retained_bytes,
+                )
+                .await
+            }
             Command::Demo(args) => {
                 let opts = DemoOptions {
                     rate: args.rate,
@@ -129,33 +142,80 @@ async fn run(cfg: Config, start_lsn: Option<outbox_relay::Lsn>) -> ExitCode {
             }
         }
     }
+    // Samples the slot while the session does not: standby readiness and role,
+    // fresh slot gauges when the session's sampler fails.
+    if cfg.relay.http_listen_addr().is_some() {
+        tokio::spawn(status::watch::watch_slot(
+            cfg.postgres.clone(),
+            cfg.relay
+                .slot_busy_retry
+                .clamp(Duration::from_secs(1), Duration::from_secs(10)),
+            metrics.clone(),
+            http_stop.clone(),
+        ));
+    }
     // The loop runs on a runtime worker, not under `block_on` on the main
     // thread: profiling showed every IO wake-up otherwise crossing threads
     // (the worker's driver waking the main thread), about half the relay's CPU.
-    let relay =
-        Relay::with_metrics(cfg, shutdown_signal(), metrics).stream_options(StreamOptions {
+    let serving = cfg.relay.http_listen_addr().is_some();
+    let pg = cfg.postgres.clone();
+    let relay = Relay::with_metrics(cfg, shutdown_signal(), metrics.clone()).stream_options(
+        StreamOptions {
             start_lsn,
             ..StreamOptions::default()
-        });
+        },
+    );
     let result = tokio::spawn(relay.run())
         .await
         .expect("the relay task does not panic");
-    http_stop.cancel();
-    match result {
+    let code = match result {
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS
         }
         Err(e) => {
             tracing::error!("{e}");
+            if serving {
+                // An invalidated slot stays on /metrics long enough to be scraped.
+                status::watch::linger_if_slot_lost(&pg, &metrics, shutdown_signal()).await;
+            }
             ExitCode::from(EXIT_FAILURE)
         }
-    }
+    };
+    http_stop.cancel();
+    code
 }
 
 fn fail(e: impl std::fmt::Display) -> ExitCode {
     eprintln!("error: {e}");
     ExitCode::from(EXIT_FAILURE)
+}
+
+/// Like [`fail`], with [`EXIT_CONFIG`] for configuration errors.
+fn fail_replay(e: replay::ReplayError) -> ExitCode {
+    eprintln!("error: {e}");
+    match e {
+        replay::ReplayError::Config(_) => ExitCode::from(EXIT_CONFIG),
+        _ => ExitCode::from(EXIT_FAILURE),
+    }
+}
+
+/// `sql::connect` failed: configuration errors get [`EXIT_CONFIG`], others `code`.
+fn fail_connect(cfg: &Config, e: outbox_relay::sql::SqlConnectError, code: u8) -> ExitCode {
+    match e {
+        outbox_relay::sql::SqlConnectError::Config(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        outbox_relay::sql::SqlConnectError::Postgres(e) => {
+            eprintln!(
+                "error: cannot read the server at {}: {}",
+                cfg.postgres.redacted_url(),
+                setup::describe_pg_error(&e)
+            );
+            ExitCode::from(code)
+        }
+    }
 }
 
 async fn bookmark(cfg: Config, action: BookmarkAction) -> ExitCode {
@@ -165,19 +225,19 @@ async fn bookmark(cfg: Config, action: BookmarkAction) -> ExitCode {
                 println!("bookmark {name} created: slot {slot} at {lsn}; it retains WAL until dropped (outbox-relay bookmark drop {name})");
                 ExitCode::SUCCESS
             }
-            Err(e) => fail(e),
+            Err(e) => fail_replay(e),
         },
         BookmarkAction::Drop { name, .. } => match replay::drop_bookmark(&cfg, &name).await {
             Ok(()) => {
                 println!("bookmark {name} dropped");
                 ExitCode::SUCCESS
             }
-            Err(e) => fail(e),
+            Err(e) => fail_replay(e),
         },
         BookmarkAction::List { .. } => {
             let client = match outbox_relay::sql::connect(&cfg.postgres).await {
                 Ok(c) => c,
-                Err(e) => return fail(e),
+                Err(e) => return fail_connect(&cfg, e, EXIT_FAILURE),
             };
             match status::collect(&client, &cfg.postgres.slot, &cfg.postgres.publication).await {
                 Ok(s) => {
@@ -204,11 +264,14 @@ async fn replay_cmd(cfg: Config, args: ReplayArgs) -> ExitCode {
             keep: args.keep_bookmark,
         };
         return match replay::replay_bookmark(&cfg, &opts, shutdown_signal()).await {
-            Ok(end) => {
-                println!("replayed bookmark {} up to {end}", opts.name);
+            Ok(done) => {
+                println!(
+                    "replayed bookmark {}: {} records sent, commits in [{}, {})",
+                    opts.name, done.records, done.from, done.to
+                );
                 ExitCode::SUCCESS
             }
-            Err(e) => fail(e),
+            Err(e) => fail_replay(e),
         };
     }
     let range = match (args.from_id, args.from_time) {
@@ -226,12 +289,12 @@ async fn replay_cmd(cfg: Config, args: ReplayArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    match replay::replay_table(&cfg, &range, args.topic_override).await {
+    match replay::replay_table(&cfg, &range, args.topic_override, args.force).await {
         Ok(n) => {
             println!("replayed {n} rows from {}", cfg.postgres.table);
             ExitCode::SUCCESS
         }
-        Err(e) => fail(e),
+        Err(e) => fail_replay(e),
     }
 }
 
@@ -239,7 +302,7 @@ async fn peek(cfg: Config, args: PeekArgs) -> ExitCode {
     let slot = match &args.bookmark {
         Some(name) => match replay::bookmark_slot(&cfg.postgres.slot, name) {
             Ok(s) => s,
-            Err(e) => return fail(e),
+            Err(e) => return fail_replay(e),
         },
         None => cfg.postgres.slot.clone(),
     };
@@ -264,23 +327,23 @@ async fn peek(cfg: Config, args: PeekArgs) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Err(e) => fail(e),
+        Err(e) => fail_replay(e),
     }
 }
 
 /// `status`: exit codes are the status module's (0 ok, 1 slot missing,
-/// 2 invalidated, 3 retaining too much); 4 when the server cannot be read.
-async fn status(cfg: Config, json: bool, max_retained: Option<usize>) -> ExitCode {
+/// 2 invalidated, 3 retaining too much, 5 a bookmark retaining too much, opt-in);
+/// 4 when the server cannot be read.
+async fn status(
+    cfg: Config,
+    json: bool,
+    max_retained: Option<usize>,
+    max_bookmark_retained: Option<usize>,
+) -> ExitCode {
     const EXIT_UNREADABLE: u8 = 4;
     let client = match outbox_relay::sql::connect(&cfg.postgres).await {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!(
-                "error: cannot read the server at {}: {e}",
-                cfg.postgres.redacted_url()
-            );
-            return ExitCode::from(EXIT_UNREADABLE);
-        }
+        Err(e) => return fail_connect(&cfg, e, EXIT_UNREADABLE),
     };
     match status::collect(&client, &cfg.postgres.slot, &cfg.postgres.publication).await {
         Ok(s) => {
@@ -290,10 +353,16 @@ async fn status(cfg: Config, json: bool, max_retained: Option<usize>) -> ExitCod
                 println!("{}", status::render_text(&s));
             }
             let threshold = max_retained.map_or(u64::MAX, |b| b as u64);
-            if let Some((_, reason)) = status::exit_reason(&s, threshold) {
-                eprintln!("{reason}");
+            let reason = status::exit_reason(&s, threshold).or_else(|| {
+                max_bookmark_retained.and_then(|b| status::bookmark_exit_reason(&s, b as u64))
+            });
+            match reason {
+                Some((code, reason)) => {
+                    eprintln!("{reason}");
+                    ExitCode::from(code as u8)
+                }
+                None => ExitCode::SUCCESS,
             }
-            ExitCode::from(status::exit_code(&s, threshold) as u8)
         }
         Err(e) => {
             eprintln!("error: {}", setup::describe_pg_error(&e));
@@ -319,9 +388,10 @@ async fn check(cfg: Config) -> ExitCode {
         }
     };
     match setup::diagnose(&cfg, &client).await {
-        Ok(problems) => {
+        Ok(mut problems) => {
+            problems.extend(setup::diagnose_kafka(&cfg).await);
             if problems.is_empty() {
-                println!("ok: configuration and server are ready for the relay");
+                println!("ok: configuration, PostgreSQL and Kafka are ready for the relay");
                 return ExitCode::SUCCESS;
             }
             println!("{}", setup::render_problems(&problems));

@@ -20,6 +20,7 @@
 //! `outbox_relay_ready`.
 
 mod labels;
+mod ops;
 mod progress;
 mod readiness;
 
@@ -40,7 +41,7 @@ use labels::{
 };
 pub use progress::{latency_since_commit, time_lag, ProgressLog, Snapshot};
 use progress::{unix_seconds, Progress};
-pub use readiness::{Readiness, DEFAULT_STALL_TIMEOUT};
+pub use readiness::{Readiness, Ready, Role, DEFAULT_STALL_TIMEOUT};
 
 pub mod names;
 
@@ -119,6 +120,8 @@ struct Inner {
     acked_records: AtomicU64,
     /// Last lag sample, for the progress line (-1: none yet).
     last_lag_bytes: AtomicI64,
+    /// Role and sample freshness (see `ops`).
+    ops: ops::OpsMetrics,
 }
 
 /// The relay's metrics; clone freely (one `Arc`).
@@ -326,6 +329,7 @@ impl Metrics {
             version: env!("CARGO_PKG_VERSION"),
         };
         build_info.get_or_create(&version).set(1);
+        let ops = ops::OpsMetrics::register(&mut r);
         let r = r.0;
 
         Metrics {
@@ -368,6 +372,7 @@ impl Metrics {
                 }),
                 acked_records: AtomicU64::new(0),
                 last_lag_bytes: AtomicI64::new(-1),
+                ops,
             }),
         }
     }
@@ -648,6 +653,7 @@ impl Metrics {
             (ready, lag)
         };
         self.inner.ready.set(i64::from(ready));
+        self.ops_on_scrape();
         self.inner.lag_seconds.set(lag.as_secs_f64());
         let mut out = String::with_capacity(8 * 1024);
         prometheus_client::encoding::text::encode(&mut out, &self.inner.registry)

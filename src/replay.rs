@@ -43,6 +43,9 @@ pub enum ReplayError {
     NoSlot(String),
     #[error("{0}")]
     Usage(String),
+    /// The configuration cannot be used (e.g. a malformed connection string).
+    #[error("{0}")]
+    Config(String),
     #[error("PostgreSQL: {0}")]
     Sql(String),
     #[error(transparent)]
@@ -53,6 +56,38 @@ pub enum ReplayError {
     Mapping(#[from] MappingError),
     #[error("Kafka did not acknowledge {0} replayed records; run the replay again (it is at-least-once)")]
     Undelivered(u64),
+    #[error("--to-lsn {to} is at or below bookmark {name}'s position {position}: the range [{position}, {to}) is empty; bookmark {name} is kept (a replay covers commits from the bookmark's position up to, not including, --to-lsn)")]
+    EmptyRange {
+        name: String,
+        position: Lsn,
+        to: Lsn,
+    },
+    /// A bookmark replay failed or stopped after it chose its end: the advice
+    /// names the same end, so running it again does not widen the range.
+    #[error("{error}; bookmark {name} is kept: run `outbox-relay replay --from-bookmark {name} --to-lsn {end}` to replay the same range")]
+    Interrupted {
+        error: String,
+        name: String,
+        end: Lsn,
+    },
+    #[error("the id column {column} of {table} has type {ty}, whose order is not insertion order (gen_random_uuid() is random): --from-id/--to-id would pick a random subset in random order. Use --from-time/--to-time, or pass --force if the ids are ordered (e.g. UUIDv7)")]
+    UnorderedId {
+        table: String,
+        column: String,
+        ty: String,
+    },
+}
+
+/// What a bookmark replay did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BookmarkReplayed {
+    /// The bookmark's position: the range's start (inclusive, commit LSN).
+    pub from: Lsn,
+    /// The range's end (exclusive, commit LSN): `--to-lsn` or the server's WAL
+    /// position when the replay started.
+    pub to: Lsn,
+    /// Records sent and acknowledged.
+    pub records: u64,
 }
 
 impl From<tokio_postgres::Error> for ReplayError {
@@ -65,7 +100,7 @@ impl From<sql::SqlConnectError> for ReplayError {
     fn from(e: sql::SqlConnectError) -> Self {
         match e {
             sql::SqlConnectError::Postgres(e) => e.into(),
-            sql::SqlConnectError::Config(e) => ReplayError::Usage(e.to_string()),
+            sql::SqlConnectError::Config(e) => ReplayError::Config(e.to_string()),
         }
     }
 }
@@ -141,17 +176,18 @@ pub struct BookmarkReplay {
     pub keep: bool,
 }
 
-/// `replay --from-bookmark`: stream the bookmark's retained range again.
+/// `replay --from-bookmark`: stream the bookmark's retained range again:
+/// every transaction whose commit LSN is in `[bookmark position, end)`.
 pub async fn replay_bookmark(
     cfg: &Config,
     replay: &BookmarkReplay,
     shutdown: CancellationToken,
-) -> Result<Lsn, ReplayError> {
+) -> Result<BookmarkReplayed, ReplayError> {
     let target = bookmark_slot(&cfg.postgres.slot, &replay.name)?;
     let client = sql::connect(&cfg.postgres).await?;
-    if !slot_exists(&client, &target).await? {
+    let Some(position) = bookmark_position(&client, &target).await? else {
         return Err(ReplayError::NoBookmark(replay.name.clone()));
-    }
+    };
     let end = match replay.to_lsn {
         Some(l) => l,
         None => {
@@ -163,12 +199,29 @@ pub async fn replay_bookmark(
                 .map_err(|e| ReplayError::Sql(format!("{e}")))?
         }
     };
+    if end <= position {
+        // Nothing would be replayed, and success would drop the bookmark.
+        return Err(ReplayError::EmptyRange {
+            name: replay.name.clone(),
+            position,
+            to: end,
+        });
+    }
+    let interrupted = |error: String| ReplayError::Interrupted {
+        error,
+        name: replay.name.clone(),
+        end,
+    };
     let mut replay_cfg = cfg.clone();
     replay_cfg.postgres.slot = target.clone();
     replay_cfg.postgres.create_slot = false;
     replay_cfg.postgres.create_publication = false;
-    tracing::info!(bookmark = %replay.name, slot = %target, to = %end, "replaying");
-    let finished = Relay::with_metrics(replay_cfg, shutdown, Metrics::new())
+    tracing::info!(
+        bookmark = %replay.name, slot = %target, from = %position, to = %end,
+        "replaying commits in [from, to); if interrupted, run it again with --to-lsn {end} for the same range"
+    );
+    let metrics = Metrics::new();
+    let finished = Relay::with_metrics(replay_cfg, shutdown, metrics.clone())
         .stream_options(StreamOptions {
             start_lsn: None,
             end_lsn: Some(end),
@@ -177,20 +230,41 @@ pub async fn replay_bookmark(
             topic_override: replay.topic_override.clone(),
         })
         .run_to_end()
-        .await?;
+        .await
+        .map_err(|e| interrupted(e.to_string()))?;
+    let records = metrics.snapshot().acked_records;
     if !finished {
-        return Err(ReplayError::Usage(format!(
-            "replay stopped before reaching {end}; bookmark {} is kept, run the replay again",
-            replay.name
+        return Err(interrupted(format!(
+            "replay stopped before reaching {end} ({records} records sent so far)"
         )));
     }
     if !replay.keep {
         client
             .execute("SELECT pg_drop_replication_slot($1)", &[&target])
-            .await?;
+            .await
+            .map_err(|e| interrupted(describe_pg_error(&e)))?;
         tracing::info!(bookmark = %replay.name, "bookmark dropped after replay");
     }
-    Ok(end)
+    Ok(BookmarkReplayed {
+        from: position,
+        to: end,
+        records,
+    })
+}
+
+/// The bookmark slot's position (`confirmed_flush_lsn`); `None` when it does not exist.
+async fn bookmark_position(client: &SqlConnection, slot: &str) -> Result<Option<Lsn>, ReplayError> {
+    let row = client
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(row.map(|r| {
+        r.get::<_, Option<String>>(0)
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(Lsn::ZERO)
+    }))
 }
 
 /// Which rows `replay --from-id/--from-time` re-publishes.
@@ -212,6 +286,7 @@ pub async fn replay_table(
     cfg: &Config,
     range: &TableRange,
     topic_override: Option<String>,
+    force: bool,
 ) -> Result<u64, ReplayError> {
     let client = sql::connect(&cfg.postgres).await?;
     let table = &cfg.postgres.table;
@@ -260,6 +335,20 @@ pub async fn replay_table(
         TableRange::Id { from, to } => {
             // Compare in the id column's own type (uuid, bigint, text...).
             let ty = column_type(&client, table, &cfg.mapping.id_column).await?;
+            match id_order(&ty) {
+                IdOrder::Insertion => {}
+                IdOrder::Random if !force => {
+                    return Err(ReplayError::UnorderedId {
+                        table: table.to_string(),
+                        column: cfg.mapping.id_column.clone(),
+                        ty,
+                    })
+                }
+                IdOrder::Random | IdOrder::Unknown => tracing::warn!(
+                    column = %cfg.mapping.id_column, r#type = %ty,
+                    "the id column's order may not be insertion order: the id range may pick rows out of insertion order"
+                ),
+            }
             let mut f = format!("{id} >= CAST($1::text AS {ty})");
             let mut p = vec![from.clone()];
             if let Some(to) = to {
@@ -364,6 +453,25 @@ pub async fn replay_table(
     Ok(acked)
 }
 
+/// Whether ordering by an id column of this type follows insertion order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IdOrder {
+    /// Integers (serial, bigserial, identity columns): sequences only grow.
+    Insertion,
+    /// `uuid`: `gen_random_uuid()` (the shipped table's default) is random.
+    Random,
+    /// Anything else (text, ULIDs, ...): depends on how ids are made.
+    Unknown,
+}
+
+fn id_order(format_type: &str) -> IdOrder {
+    match format_type {
+        "smallint" | "integer" | "bigint" => IdOrder::Insertion,
+        "uuid" => IdOrder::Random,
+        _ => IdOrder::Unknown,
+    }
+}
+
 async fn column_type(
     client: &SqlConnection,
     table: &crate::config::TableName,
@@ -434,30 +542,38 @@ async fn peek_changes(
     changes: i32,
     limit: usize,
 ) -> Result<(Vec<Peeked>, bool), ReplayError> {
+    // Streamed: the client holds one message at a time and stops reading at
+    // `limit` records (dropping the stream discards the rest). PostgreSQL itself
+    // stops only at a transaction boundary, so it decodes the first
+    // transaction in full on its side (spilling to disk past work_mem).
+    let pg_error = |e: tokio_postgres::Error| {
+        let text = describe_pg_error(&e);
+        if text.contains("is active for PID") {
+            ReplayError::Usage(format!(
+                "{text}: the running relay holds the slot; peek a bookmark instead \
+                     (outbox-relay bookmark create NAME, then peek --bookmark NAME)"
+            ))
+        } else {
+            ReplayError::Sql(text)
+        }
+    };
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&slot, &changes, &publication];
     let rows = client
-        .query(
+        .query_raw(
             "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2, \
              'proto_version', '1', 'publication_names', $3)",
-            &[&slot, &changes, &publication],
+            params,
         )
         .await
-        .map_err(|e| {
-            let text = describe_pg_error(&e);
-            if text.contains("is active for PID") {
-                ReplayError::Usage(format!(
-                    "{text}: the running relay holds the slot; peek a bookmark instead \
-                     (outbox-relay bookmark create NAME, then peek --bookmark NAME)"
-                ))
-            } else {
-                ReplayError::Sql(text)
-            }
-        })?;
-    let more = rows.len() >= changes as usize;
+        .map_err(pg_error)?;
+    pin_mut!(rows);
+    let mut seen = 0usize;
     let mut decoder = Decoder::new();
     let mut mapper = OutboxMapper::new(cfg.mapping.clone(), cfg.postgres.table.clone());
     let mut txn = None;
     let mut out = Vec::new();
-    for row in rows {
+    while let Some(row) = rows.try_next().await.map_err(pg_error)? {
+        seen += 1;
         let lsn: String = row.get(0);
         let data: Vec<u8> = row.get(1);
         match decoder
@@ -486,12 +602,12 @@ async fn peek_changes(
                         payload: text(&r.payload),
                     });
                     if out.len() >= limit {
-                        break;
+                        return Ok((out, true));
                     }
                 }
             }
             _ => {}
         }
     }
-    Ok((out, more))
+    Ok((out, seen >= changes as usize))
 }

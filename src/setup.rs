@@ -20,6 +20,9 @@ use crate::lsn::Lsn;
 
 mod catalog;
 mod checks;
+mod kafka;
+
+pub use kafka::diagnose_kafka;
 
 use catalog::{PublicationFacts, TableFacts};
 

@@ -21,9 +21,15 @@ use tokio_postgres::{Client, Row};
 
 use crate::lsn::Lsn;
 
+mod bookmarks;
 mod report;
+pub mod watch;
 
-pub use report::{exit_code, exit_reason, human_bytes, render_json, render_text};
+pub use bookmarks::{sample_bookmarks, BookmarkSample};
+
+pub use report::{
+    bookmark_exit_reason, exit_code, exit_reason, human_bytes, render_json, render_text,
+};
 
 /// Exit code: the slot exists, is valid, and retains no more than the threshold.
 pub const EXIT_OK: i32 = 0;
@@ -34,6 +40,10 @@ pub const EXIT_SLOT_MISSING: i32 = 1;
 pub const EXIT_SLOT_INVALIDATED: i32 = 2;
 /// Exit code: the slot retains more WAL than the threshold.
 pub const EXIT_RETAINING_TOO_MUCH: i32 = 3;
+/// Exit code (opt-in, `--max-bookmark-retained-bytes`): the slot is fine but a
+/// bookmark retains more WAL than that threshold. (4 is "server unreadable",
+/// 64 an invalid command line or configuration.)
+pub const EXIT_BOOKMARK_RETAINING_TOO_MUCH: i32 = 5;
 
 /// Infix of bookmark slot names: `<slot>_bookmark_<name>`.
 pub const BOOKMARK_INFIX: &str = "_bookmark_";

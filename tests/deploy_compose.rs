@@ -569,10 +569,21 @@ fn dockerfile_paths_user_port_and_healthcheck() {
     assert!(of("EXPOSE")[0].contains(&RELAY_HTTP_PORT.to_string()));
     let health = of("HEALTHCHECK");
     assert_eq!(health.len(), 1);
+    let script = of("COPY")
+        .into_iter()
+        .find(|c| c.contains("healthcheck.sh"))
+        .expect("the healthcheck script is copied into the image")
+        .to_string();
+    let installed = script.split_whitespace().last().unwrap();
     assert!(
-        health[0].contains("/healthz") && health[0].contains(&format!("/{RELAY_HTTP_PORT}")),
+        health[0].contains(&format!("\"{installed}\"")),
         "{}",
         health[0]
+    );
+    let body = read("deploy/docker/healthcheck.sh");
+    assert!(
+        body.contains("/healthz") && body.contains(&format!("127.0.0.1:{RELAY_HTTP_PORT}")),
+        "{body}"
     );
     // /healthz is a route of the relay's HTTP server.
     assert!(read("src/http.rs").contains("\"/healthz\""));
@@ -648,7 +659,16 @@ fn systemd_unit_is_hardened_and_uses_real_settings() {
 fn deploy_guide_names_real_settings() {
     let guide = read("docs/deploy.md");
     let known = known_env();
-    for name in env_names_in(&guide) {
+    // Kubernetes service-link variables, named as examples of what is ignored.
+    let service_link = |name: &str| {
+        name.ends_with("_SERVICE_HOST")
+            || name.starts_with("OUTBOX_RELAY_PORT")
+            || name.starts_with("OUTBOX_RELAY_SERVICE_PORT")
+    };
+    for name in env_names_in(&guide)
+        .into_iter()
+        .filter(|n| !service_link(n))
+    {
         assert!(
             known.contains(&name),
             "docs/deploy.md: {name} is not a relay setting"
@@ -679,4 +699,237 @@ fn deploy_guide_names_real_settings() {
         }
         rest = &rest[i + 3..];
     }
+}
+
+/// Every document of a multi-document YAML file.
+fn yaml_documents(rel: &str) -> Vec<Value> {
+    use serde::Deserialize;
+    serde_norway::Deserializer::from_str(&read(rel))
+        .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("{rel}: {e}")))
+        .collect()
+}
+
+/// The Kubernetes example: a standby pair whose probes, ports, strategy and
+/// settings agree with the relay. (Schema validation: `kubernetes-validate
+/// --strict deploy/kubernetes/outbox-relay.yaml`, see docs/deploy.md.)
+#[test]
+fn kubernetes_example_fits_the_standby_semantics() {
+    let docs = yaml_documents("deploy/kubernetes/outbox-relay.yaml");
+    let kind = |k: &str| {
+        docs.iter()
+            .find(|d| str_of(&d["kind"]) == k)
+            .unwrap_or_else(|| panic!("no {k} in the Kubernetes example"))
+    };
+    let deployment = kind("Deployment");
+    let service = kind("Service");
+    kind("PodDisruptionBudget");
+    // The Service is named outbox-relay: its service links must not break the relay.
+    assert_eq!(str_of(&service["metadata"]["name"]), "outbox-relay");
+
+    let spec = &deployment["spec"];
+    assert!(spec["replicas"].as_u64().unwrap() >= 2, "a standby pair");
+    assert_eq!(str_of(&spec["strategy"]["type"]), "RollingUpdate");
+    assert_eq!(
+        str_of(&spec["strategy"]["rollingUpdate"]["maxUnavailable"]),
+        "0"
+    );
+    let pod = &spec["template"]["spec"];
+    assert!(
+        pod["terminationGracePeriodSeconds"].as_u64().unwrap()
+            > outbox_relay::config::DEFAULT_SHUTDOWN_TIMEOUT.as_secs()
+    );
+    let containers = pod["containers"].as_sequence().unwrap();
+    assert_eq!(containers.len(), 1);
+    let c = &containers[0];
+    assert_eq!(str_of(&c["readinessProbe"]["httpGet"]["path"]), "/readyz");
+    assert_eq!(str_of(&c["livenessProbe"]["httpGet"]["path"]), "/healthz");
+    let http = c["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|p| str_of(&p["name"]) == "http")
+        .expect("a container port named http");
+    assert_eq!(
+        http["containerPort"].as_u64(),
+        Some(u64::from(RELAY_HTTP_PORT))
+    );
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(str_of(&c[probe]["httpGet"]["port"]), "http", "{probe}");
+    }
+    assert_eq!(str_of(&service["spec"]["ports"][0]["targetPort"]), "http");
+
+    // The container's settings are the relay's, and they load together with
+    // the service links the kubelet adds for the Service (enableServiceLinks
+    // off or not).
+    let mut env: std::collections::BTreeMap<String, String> = c["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|e| (str_of(&e["name"]), str_of(&e["value"])))
+        .collect();
+    let known = known_env();
+    for name in env.keys() {
+        assert!(known.contains(name), "{name} is not a relay setting");
+    }
+    let listen = &env["OUTBOX_RELAY_HTTP_LISTEN"];
+    assert_eq!(listen, &format!("0.0.0.0:{RELAY_HTTP_PORT}"));
+    let password_file = PathBuf::from(&env["OUTBOX_RELAY_POSTGRES_PASSWORD_FILE"]);
+    let mounts: Vec<String> = c["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|m| str_of(&m["mountPath"]))
+        .collect();
+    assert!(
+        mounts.iter().any(|m| password_file.starts_with(m)),
+        "the password file is on a mounted volume: {mounts:?}"
+    );
+    // The file does not exist here; the rest must load.
+    env.remove("OUTBOX_RELAY_POSTGRES_PASSWORD_FILE");
+    for (k, v) in [
+        ("OUTBOX_RELAY_SERVICE_HOST", "10.96.0.17"),
+        ("OUTBOX_RELAY_SERVICE_PORT", "9187"),
+        ("OUTBOX_RELAY_SERVICE_PORT_HTTP", "9187"),
+        ("OUTBOX_RELAY_PORT", "tcp://10.96.0.17:9187"),
+        ("OUTBOX_RELAY_PORT_9187_TCP", "tcp://10.96.0.17:9187"),
+        ("OUTBOX_RELAY_PORT_9187_TCP_PROTO", "tcp"),
+        ("OUTBOX_RELAY_PORT_9187_TCP_PORT", "9187"),
+        ("OUTBOX_RELAY_PORT_9187_TCP_ADDR", "10.96.0.17"),
+    ] {
+        env.insert(k.to_string(), v.to_string());
+    }
+    let cli = outbox_relay::cli::try_parse_with_env(["outbox-relay", "run"], &env)
+        .expect("the example's settings parse");
+    outbox_relay::cli::load_with_env(&cli, &env).expect("the example's settings load");
+}
+
+/// Alerts judge a standby pair as a whole: none fires for a standby doing its
+/// job (not holding the slot), one fires when no relay of the job streams.
+#[test]
+fn alert_rules_judge_the_pair() {
+    let alerts = yaml("deploy/prometheus/alerts.yml");
+    let exprs: Vec<(String, String)> = alerts["groups"][0]["rules"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|r| (str_of(&r["alert"]), str_of(&r["expr"])))
+        .collect();
+    for (name, expr) in &exprs {
+        assert!(
+            !expr.contains("outbox_relay_slot_held"),
+            "{name} fires on a healthy standby: {expr}"
+        );
+    }
+    assert!(
+        exprs
+            .iter()
+            .any(|(_, e)| e.contains("absent(outbox_relay_streaming{job=\"outbox-relay\"} == 1)")),
+        "a rule over the pair: no relay of the job streams"
+    );
+    assert!(
+        exprs
+            .iter()
+            .any(|(_, e)| e.contains("outbox_relay_slot_sample_age_seconds")),
+        "a rule on stale slot samples"
+    );
+}
+
+/// Kafka keeps its topics on the named volume: every log dir lies under a
+/// named volume's mount point (the image's default, /tmp/kraft-combined-logs,
+/// is inside the container, so `down && up` lost every topic while the slot,
+/// on its own volume, stayed confirmed past them).
+#[test]
+fn kafka_log_dirs_are_on_the_named_volume() {
+    let c = compose();
+    let kafka = service(&c, "kafka");
+    let dirs = env_value(kafka, "KAFKA_LOG_DIRS");
+    let named: Vec<String> = kafka["volumes"]
+        .as_sequence()
+        .expect("kafka has volumes")
+        .iter()
+        .map(str_of)
+        .filter_map(|v| {
+            let (src, rest) = v.split_once(':')?;
+            let dst = rest.split(':').next()?;
+            let is_named = !src.starts_with('.') && !src.starts_with('/');
+            (is_named && c["volumes"].get(src).is_some()).then(|| dst.to_string())
+        })
+        .collect();
+    assert!(!named.is_empty(), "kafka mounts a named volume");
+    let metadata = environment(kafka)
+        .into_iter()
+        .find(|(k, _)| k == "KAFKA_METADATA_LOG_DIR")
+        .map(|(_, v)| v);
+    for dir in dirs.split(',').chain(metadata.as_deref()) {
+        assert!(
+            named.iter().any(|m| Path::new(dir).starts_with(m)),
+            "log dir {dir} is not on a named volume ({named:?})"
+        );
+    }
+}
+
+/// The image's healthcheck asks /healthz where the relay listens: the
+/// `--http-listen` flag on PID 1's command line, else the variable, else the
+/// default; a wildcard address is asked on loopback; `off` is healthy.
+#[test]
+fn healthcheck_follows_http_listen() {
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    // A stand-in for the relay's /healthz, answering any number of requests.
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut conn in server.incoming().flatten() {
+            // Read the whole request head (it may come in pieces).
+            let mut req = Vec::new();
+            let mut buf = [0u8; 512];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let ok = req.starts_with(b"GET /healthz ");
+            let status = if ok { "200 OK" } else { "404 Not Found" };
+            let _ = write!(conn, "HTTP/1.0 {status}\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str], env: Option<&str>| -> bool {
+        let cmdline = dir.path().join("cmdline");
+        let mut bytes = Vec::new();
+        for a in args {
+            bytes.extend_from_slice(a.as_bytes());
+            bytes.push(0);
+        }
+        std::fs::write(&cmdline, bytes).unwrap();
+        let mut cmd = std::process::Command::new("bash");
+        cmd.arg(root().join("deploy/docker/healthcheck.sh"))
+            .arg(&cmdline)
+            .env_remove("OUTBOX_RELAY_HTTP_LISTEN");
+        if let Some(v) = env {
+            cmd.env("OUTBOX_RELAY_HTTP_LISTEN", v);
+        }
+        cmd.status().unwrap().success()
+    };
+    let at = |p: u16| format!("0.0.0.0:{p}");
+    let (live, dead) = (at(port), at(closed));
+    // The flag, in both spellings, beats the variable (the image sets one).
+    let bin = "/usr/local/bin/outbox-relay";
+    assert!(run(&[bin, "run", "--http-listen", &live], Some(&dead)));
+    assert!(run(
+        &[bin, "run", &format!("--http-listen={live}")],
+        Some(&dead)
+    ));
+    assert!(!run(&[bin, "run", "--http-listen", &dead], Some(&live)));
+    // No flag: the variable.
+    assert!(run(&[bin, "run"], Some(&format!("127.0.0.1:{port}"))));
+    assert!(!run(&[bin, "run"], Some(&dead)));
+    // HTTP off: nothing to ask.
+    assert!(run(&[bin, "run", "--http-listen", "off"], Some(&dead)));
 }

@@ -85,8 +85,11 @@ async fn preflight(cfg: &Config, client: &tokio_postgres::Client) -> Vec<Problem
     assert_eq!(blocking, errors);
     // Most tests connect as the superuser `postgres`, which `check` notes as more
     // privilege than needed (see setup::checks); these tests are about the rest.
+    // The harness leaves max_slot_wal_keep_size at its default, -1, which
+    // `check` notes (tested in wal_senders_and_wal_keep_as_a_least_privileged_role).
     all.into_iter()
         .filter(|p| !p.what.contains("is a superuser"))
+        .filter(|p| !p.what.starts_with("max_slot_wal_keep_size is -1"))
         .collect()
 }
 
@@ -683,4 +686,109 @@ async fn a_lost_connection_is_transient() {
     let err = setup::ensure_publication(&cfg, &client).await.unwrap_err();
     assert!(matches!(err, SetupError::Postgres(_)), "{err}");
     assert!(err.is_transient(), "{err}");
+}
+
+/// WAL-sender headroom as the least-privileged role sees it: other roles'
+/// walsenders have a NULL `backend_type` in its `pg_stat_activity`, so only
+/// `pg_stat_get_wal_senders()` counts them. And an unlimited
+/// `max_slot_wal_keep_size` is noted.
+#[tokio::test]
+async fn wal_senders_and_wal_keep_as_a_least_privileged_role() {
+    let cluster = PgCluster::start(PgVersion::V17, &[("max_wal_senders", "2")]);
+    let admin = cluster.client().await;
+    for file in [
+        "01_outbox_table.sql",
+        "02_publication.sql",
+        "03_relay_role.sql",
+    ] {
+        admin.batch_execute(&sql_file(file)).await.unwrap();
+    }
+    let relay = connect_as(&cluster, "outbox_relay").await;
+    let mut cfg = config(&cluster);
+    cfg.postgres.publication = "outbox_relay".into();
+    let all = setup::diagnose(&cfg, &relay).await.unwrap();
+    assert!(
+        all.iter()
+            .any(|p| !p.is_error() && p.what.starts_with("max_slot_wal_keep_size is -1")),
+        "{all:#?}"
+    );
+    assert!(errors(&all).is_empty(), "{all:#?}");
+
+    // Two replication connections of another role take both WAL senders.
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let repl = outbox_relay::replication::ReplicationClient::connect(
+            &outbox_relay::replication::ConnectConfig {
+                host: "127.0.0.1".into(),
+                port: cluster.port(),
+                user: "postgres".into(),
+                password: None,
+                dbname: "postgres".into(),
+                application_name: format!("physical-{i}"),
+                connect_timeout: Duration::from_secs(10),
+                max_frame_bytes: 16 << 20,
+                tls: Default::default(),
+            },
+        )
+        .await
+        .expect("replication connection");
+        held.push(repl);
+    }
+    let all = setup::diagnose(&cfg, &relay).await.unwrap();
+    assert!(
+        notes(&all).iter().any(|e| e.contains("all 2 WAL senders")),
+        "{all:#?}"
+    );
+    drop(held);
+}
+
+/// `check` contacts Kafka: an unreachable broker is an error; a fixed topic
+/// must exist (creation off) or be creatable (asked validate-only, nothing is
+/// created); template topics cannot be listed and are said to be so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_contacts_kafka_and_judges_the_topics() {
+    let broker = harness::Broker::start_memory();
+    broker.warm_up().await;
+    let mut cfg = Config::default();
+    cfg.kafka.brokers = broker.bootstrap();
+    let fixed = unique_name("fixed");
+    cfg.mapping.topic = Some(fixed.clone());
+
+    cfg.kafka.create_topics = false;
+    let p = setup::diagnose_kafka(&cfg).await;
+    assert_eq!(p.len(), 1, "{p:#?}");
+    assert!(
+        p[0].is_error() && p[0].what.contains(&fixed) && p[0].what.contains("does not exist"),
+        "{p:#?}"
+    );
+
+    broker.create_topic(&fixed, 1).await;
+    cfg.kafka.create_topics = false;
+    assert_eq!(setup::diagnose_kafka(&cfg).await, []);
+
+    // A missing topic Kafka may create is fine (a validate-only request; tansu
+    // ignores the flag and creates it, which the relay would do anyway).
+    cfg.kafka.create_topics = true;
+    cfg.relay.dead_letter_topic = Some(unique_name("dlq"));
+    assert_eq!(setup::diagnose_kafka(&cfg).await, []);
+    cfg.relay.dead_letter_topic = None;
+    cfg.kafka.create_topics = false;
+
+    // Topics named by the rows cannot be listed ahead.
+    cfg.mapping.topic = None;
+    let p = setup::diagnose_kafka(&cfg).await;
+    assert_eq!(p.len(), 1, "{p:#?}");
+    assert!(
+        !p[0].is_error() && p[0].what.contains("cannot list them"),
+        "{p:#?}"
+    );
+
+    // Nobody listening.
+    cfg.kafka.brokers = "127.0.0.1:9".into();
+    let p = setup::diagnose_kafka(&cfg).await;
+    assert_eq!(p.len(), 1, "{p:#?}");
+    assert!(
+        p[0].is_error() && p[0].what.contains("cannot reach Kafka at 127.0.0.1:9"),
+        "{p:#?}"
+    );
 }

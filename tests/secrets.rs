@@ -228,6 +228,6 @@ async fn passwords_never_reach_logs_metrics_or_status() {
     let mut bad_url = common("check");
     bad_url[2] = format!("postgres://{SCRAM_USER}:{URL_SECRET}@localhost:notaport/postgres");
     let out = run_command(&bad_url, &env);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
     assert_no_secret("a configuration error", &text(&out));
 }

@@ -303,3 +303,72 @@ async fn holder_on_postgres_15() {
 async fn holder_on_postgres_17() {
     check_holder(PgVersion::V17).await;
 }
+
+/// Runs the release binary with `args` and extra `envs`; returns the exit code and stderr.
+fn exit_of(args: &[&str], envs: &[(&str, &str)]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(harness::RelayProcess::binary())
+        .args(args)
+        .envs(envs.iter().copied())
+        .output()
+        .expect("run the relay binary");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A bad flag, an unknown variable or an unusable URL exits 64 in every command,
+/// never with a code `status` gives a slot state (0-5), so a script acting on
+/// "invalidated" (2) never acts on a typo. No server is needed: these fail first.
+#[test]
+fn configuration_errors_exit_64_in_every_command() {
+    const URL: &str = "postgres://u@127.0.0.1:1/db";
+    for (args, envs) in [
+        (vec!["status", "--no-such-flag"], vec![]),
+        (
+            vec!["status", "--postgres-url", URL],
+            vec![("OUTBOX_RELAY_SLOTT", "x")],
+        ),
+        (
+            vec![
+                "status",
+                "--postgres-url",
+                "postgres://u@localhost:notaport/db",
+            ],
+            vec![],
+        ),
+        (vec!["status", "--max-retained-bytes", "lots"], vec![]),
+        (
+            vec!["check", "--postgres-url", URL, "--kafka-brokers"],
+            vec![],
+        ),
+        (
+            vec!["run", "--postgres-url", URL, "--kafka-brokers", "k:9092"],
+            vec![("OUTBOX_RELAY_KAFKA_BROKER", "k:9092")],
+        ),
+        (
+            vec![
+                "bookmark",
+                "list",
+                "--postgres-url",
+                "postgres://u@localhost:notaport/db",
+            ],
+            vec![],
+        ),
+        (
+            vec!["replay", "--postgres-url", URL, "--kafka-brokers", "k:9092"],
+            vec![],
+        ),
+        (vec!["peek", "--limit", "-1"], vec![]),
+        (vec!["no-such-command"], vec![]),
+    ] {
+        let (code, stderr) = exit_of(&args, &envs);
+        assert_eq!(code, Some(64), "{args:?} {envs:?}: {stderr}");
+    }
+    // Help and version are not errors.
+    assert_eq!(exit_of(&["status", "--help"], &[]).0, Some(0));
+    assert_eq!(exit_of(&["--version"], &[]).0, Some(0));
+    // A server that cannot be read is still 4.
+    let (code, stderr) = exit_of(&["status", "--postgres-url", URL], &[]);
+    assert_eq!(code, Some(4), "{stderr}");
+}

@@ -341,6 +341,32 @@ fn unknown_environment_variables_are_rejected() {
 }
 
 #[test]
+fn kubernetes_service_links_are_ignored_and_typos_still_rejected() {
+    // What the kubelet injects into every pod of a namespace with a Service
+    // named `outbox-relay` (port 9187, named `http`).
+    let links = [
+        ("OUTBOX_RELAY_SERVICE_HOST", "10.96.12.34"),
+        ("OUTBOX_RELAY_SERVICE_PORT", "9187"),
+        ("OUTBOX_RELAY_SERVICE_PORT_HTTP", "9187"),
+        ("OUTBOX_RELAY_PORT", "tcp://10.96.12.34:9187"),
+        ("OUTBOX_RELAY_PORT_9187_TCP", "tcp://10.96.12.34:9187"),
+        ("OUTBOX_RELAY_PORT_9187_TCP_PROTO", "tcp"),
+        ("OUTBOX_RELAY_PORT_9187_TCP_PORT", "9187"),
+        ("OUTBOX_RELAY_PORT_9187_TCP_ADDR", "10.96.12.34"),
+    ];
+    ok(None, &links, &[]);
+    let mut with_typos = links.to_vec();
+    with_typos.extend([
+        ("OUTBOX_RELAY_SLOTT", "x"),
+        ("OUTBOX_RELAY_POSTGRES_PORT", "5432"),
+    ]);
+    let p = problems(None, &with_typos, MIN);
+    assert_eq!(p.len(), 2, "{p:?}");
+    assert!(p[0].contains("OUTBOX_RELAY_POSTGRES_PORT"), "{p:?}");
+    assert!(p[1].contains("OUTBOX_RELAY_SLOTT"), "{p:?}");
+}
+
+#[test]
 fn validation_lists_every_problem_at_once() {
     let toml = r#"
         [postgres]

@@ -38,6 +38,25 @@ pub const SLOT_WAL_STATUS: &str = "outbox_relay_slot_wal_status";
 pub const SLOT_HELD: &str = "outbox_relay_slot_held";
 /// Gauge. 1 while the replication stream is up.
 pub const STREAMING: &str = "outbox_relay_streaming";
+/// Gauge, label `role` (`streaming`, `standby`, `down`), computed at scrape:
+/// 1 for the relay's current role. `standby`: another process streams from
+/// the slot and this relay is ready to take over. Alert over the pair: no
+/// relay with `role="streaming"` for minutes.
+pub const ROLE: &str = "outbox_relay_role";
+/// Gauge, computed at scrape. Seconds since the last successful SQL sample
+/// of the slot (lag, retained WAL, `wal_status`); -1 before the first. The
+/// slot gauges are only as fresh as this. Alert: above a minute.
+pub const SLOT_SAMPLE_AGE_SECONDS: &str = "outbox_relay_slot_sample_age_seconds";
+/// Counter. SQL samples of the slot that failed (the sampler retries).
+pub const SLOT_SAMPLE_ERRORS_TOTAL: &str = "outbox_relay_slot_sample_errors_total";
+/// Gauge, label `bookmark` (at most 10, then `_other`). WAL a bookmark slot
+/// (`<slot>_bookmark_<name>`) keeps on the server. Alert: a bookmark left
+/// behind (killed replay, `--keep-bookmark`) keeps WAL and `catalog_xmin`.
+pub const BOOKMARK_RETAINED_WAL_BYTES: &str = "outbox_relay_bookmark_retained_wal_bytes";
+/// Gauge, label `bookmark`. Seconds the bookmark has been unused
+/// (PostgreSQL 17+: `now() - inactive_since`; older: since this relay first
+/// saw it). Alert: older than a day.
+pub const BOOKMARK_AGE_SECONDS: &str = "outbox_relay_bookmark_age_seconds";
 /// Gauge, computed at scrape: 1 when `/readyz` answers 200.
 /// Alert: 0 for 5 minutes.
 pub const READY: &str = "outbox_relay_ready";
@@ -128,6 +147,11 @@ pub const ALL: &[&str] = &[
     SERVER_TIMELINE,
     SHUTDOWN_RELEASES_TOTAL,
     PROGRESS_SKIPPED_RECORDS_TOTAL,
+    ROLE,
+    SLOT_SAMPLE_AGE_SECONDS,
+    SLOT_SAMPLE_ERRORS_TOTAL,
+    BOOKMARK_RETAINED_WAL_BYTES,
+    BOOKMARK_AGE_SECONDS,
 ];
 
 /// Histograms among [`ALL`]: a scrape shows them as `_bucket`, `_sum`

@@ -3,8 +3,13 @@
 //!
 //! Rules, checked in this order (the first that fails is the reason):
 //!
-//! 1. **Streaming.** Not ready while the replication stream is down
-//!    (starting, reconnecting, or stopped).
+//! 1. **Streaming, or a healthy standby.** Not ready while the replication
+//!    stream is down (starting, reconnecting, or stopped), unless the relay is
+//!    a standby: a recent SQL sample (see [`Readiness::on_standby_sample`])
+//!    saw another process streaming from the slot. PostgreSQL lets one
+//!    consumer stream from a slot, so the second relay of a pair waits; that
+//!    is its job, and a rolling update or a Service must be able to count it
+//!    as ready ([`Ready::Standby`]).
 //! 2. **Acknowledgements progressing.** Not ready when records are in flight
 //!    and the broker acknowledged none of them for longer than the stall
 //!    timeout (counted from the later of the last acknowledgement and the
@@ -27,10 +32,48 @@ use crate::lsn::Lsn;
 /// still (under the conditions above) before the relay reports not ready.
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// What a ready relay is doing (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ready {
+    /// It streams from the slot.
+    Streaming,
+    /// Another process streams from the slot; this relay takes over when the
+    /// slot is free. `holder_pid` is that process's backend pid.
+    Standby { holder_pid: Option<i32> },
+}
+
+/// The role a relay plays, for the `outbox_relay_role` gauge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Streaming,
+    Standby,
+    /// Neither: starting, reconnecting, or failing.
+    Down,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::Streaming, Role::Standby, Role::Down];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Streaming => "streaming",
+            Role::Standby => "standby",
+            Role::Down => "down",
+        }
+    }
+}
+
 /// See the module documentation.
 #[derive(Debug, Clone)]
 pub struct Readiness {
     stall_timeout: Duration,
+    /// Until when the last standby sample counts, and the holder it saw.
+    standby_until: Option<(Instant, Option<i32>)>,
+    /// The relay stopped for good, and why (it is about to exit).
+    fatal: Option<String>,
+    /// Why the stream is down, when a sample found out (e.g. every WAL
+    /// sender is busy); added to the not-ready reason.
+    down_because: Option<String>,
     streaming: bool,
     /// When `streaming` last changed (or when this value was built).
     streaming_changed: Instant,
@@ -52,6 +95,9 @@ impl Readiness {
     pub fn new(stall_timeout: Duration, now: Instant) -> Self {
         Readiness {
             stall_timeout,
+            standby_until: None,
+            fatal: None,
+            down_because: None,
             streaming: false,
             streaming_changed: now,
             ever_streamed: false,
@@ -85,7 +131,11 @@ impl Readiness {
         }
         self.streaming = streaming;
         self.streaming_changed = now;
+        // A standby sample taken before the stream came up saw ourselves or
+        // the holder we replaced: either way it says nothing after this.
+        self.standby_until = None;
         if streaming {
+            self.down_because = None;
             self.ever_streamed = true;
             self.confirmed_moved = now;
             self.lag_baseline = None;
@@ -128,15 +178,65 @@ impl Readiness {
         self.lag_latest = Some(lag_bytes);
     }
 
+    /// An SQL sample of the slot taken while this relay was not streaming:
+    /// `Some(pid)` when another backend streams from it (we are a standby),
+    /// `None` when nobody does or the slot could not be read. A sample counts
+    /// for `valid_for` (a few sampling periods); a standby whose samples stop
+    /// (the server is unreachable) stops being ready after that.
+    pub fn on_standby_sample(&mut self, holder: Option<i32>, valid_for: Duration, now: Instant) {
+        self.standby_until = if self.streaming {
+            None
+        } else {
+            holder.map(|pid| (now + valid_for, Some(pid)))
+        };
+    }
+
+    /// Why the stream is down, as far as a sample can tell (`None`: unknown).
+    pub fn set_down_because(&mut self, why: Option<String>) {
+        self.down_because = why;
+    }
+
+    /// The relay stopped for good: never ready again, for this reason.
+    pub fn set_fatal(&mut self, reason: String) {
+        self.fatal = Some(reason);
+    }
+
+    /// The role right now (for the role gauge).
+    pub fn role(&self, now: Instant) -> Role {
+        match self.state(now) {
+            Ok(Ready::Standby { .. }) => Role::Standby,
+            _ if self.streaming => Role::Streaming,
+            _ => Role::Down,
+        }
+    }
+
     /// `Ok` when ready, else why not (one sentence, for `/readyz`).
     pub fn is_ready(&self, now: Instant) -> Result<(), String> {
+        self.state(now).map(|_| ())
+    }
+
+    /// Like [`Readiness::is_ready`], saying what the ready relay does.
+    pub fn state(&self, now: Instant) -> Result<Ready, String> {
+        if let Some(reason) = &self.fatal {
+            return Err(reason.clone());
+        }
         if !self.streaming {
+            if let Some((until, holder_pid)) = self.standby_until {
+                if now <= until {
+                    return Ok(Ready::Standby { holder_pid });
+                }
+            }
             let since = secs(now.saturating_duration_since(self.streaming_changed));
-            return Err(if self.ever_streamed {
+            let mut reason = if self.ever_streamed {
                 format!("the replication stream is down (for {since}s); the relay is reconnecting")
             } else {
                 format!("the replication stream has not started yet (waiting {since}s)")
-            });
+            };
+            if let Some(why) = &self.down_because {
+                reason.push_str(": ");
+                reason.push_str(why);
+            }
+            return Err(reason);
         }
         if self.in_flight_records > 0 {
             let waiting_since = match (self.last_ack, self.in_flight_since) {
@@ -165,7 +265,7 @@ impl Readiness {
                 }
             }
         }
-        Ok(())
+        Ok(Ready::Streaming)
     }
 }
 
@@ -334,5 +434,44 @@ mod tests {
         r.on_lag_sample(2, t0 + s(40));
         let err = r.is_ready(t0 + s(41)).unwrap_err();
         assert!(err.contains("7 records in flight"), "{err}");
+    }
+
+    #[test]
+    fn a_standby_is_ready_while_its_samples_are_fresh() {
+        let t0 = Instant::now();
+        let mut r = Readiness::new(T, t0);
+        assert_eq!(r.role(t0), Role::Down);
+        r.on_standby_sample(Some(4242), s(10), t0 + s(2));
+        assert_eq!(
+            r.state(t0 + s(3)),
+            Ok(Ready::Standby {
+                holder_pid: Some(4242)
+            })
+        );
+        assert_eq!(r.role(t0 + s(3)), Role::Standby);
+        // Samples stopped (server unreachable): not ready once they are stale.
+        let err = r.state(t0 + s(13)).unwrap_err();
+        assert!(err.contains("has not started"), "{err}");
+        assert_eq!(r.role(t0 + s(13)), Role::Down);
+        // Nobody holds the slot any more: not a standby, and not streaming yet.
+        r.on_standby_sample(Some(4242), s(10), t0 + s(20));
+        r.on_standby_sample(None, s(10), t0 + s(22));
+        assert!(r.state(t0 + s(23)).is_err());
+    }
+
+    #[test]
+    fn streaming_forgets_the_standby_sample() {
+        let t0 = Instant::now();
+        let mut r = Readiness::new(T, t0);
+        r.on_standby_sample(Some(1), s(10), t0);
+        r.set_streaming(true, t0 + s(1));
+        assert_eq!(r.state(t0 + s(2)), Ok(Ready::Streaming));
+        assert_eq!(r.role(t0 + s(2)), Role::Streaming);
+        // A sample that raced with the stream coming up does not count.
+        r.on_standby_sample(Some(1), s(10), t0 + s(2));
+        r.set_streaming(false, t0 + s(3));
+        let err = r.state(t0 + s(4)).unwrap_err();
+        assert!(err.contains("stream is down"), "{err}");
+        assert_eq!(r.role(t0 + s(4)), Role::Down);
     }
 }

@@ -96,6 +96,11 @@ fn encoding_names_every_metric_and_is_well_formed() {
     m.delivery_error("msg_timed_out");
     m.dead_lettered("orders");
     m.server_identity("7420000000000000001", 1);
+    m.bookmarks(&[crate::status::BookmarkSample {
+        name: "b".into(),
+        retained_bytes: 1,
+        inactive_seconds: None,
+    }]);
     let text = m.encode();
     assert_well_formed(&text);
     for name in names::ALL {

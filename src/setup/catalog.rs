@@ -71,7 +71,13 @@ pub(super) struct ServerFacts {
     pub user: String,
     pub in_recovery: bool,
     pub slots_used: i64,
-    pub wal_senders_used: i64,
+    /// WAL senders running, from `pg_stat_get_wal_senders()` (which lists every
+    /// walsender's pid to any role, unlike `pg_stat_activity`, whose
+    /// `backend_type` is NULL for other roles' sessions without
+    /// `pg_read_all_stats`); `None` when even that cannot be read.
+    pub wal_senders_used: Option<i64>,
+    /// `max_slot_wal_keep_size` in MB; -1 = unlimited; `None` when unknown.
+    pub max_slot_wal_keep_size_mb: Option<i64>,
 }
 
 impl ServerFacts {
@@ -88,7 +94,7 @@ impl ServerFacts {
                         current_user::text,
                         pg_is_in_recovery(),
                         (SELECT count(*) FROM pg_replication_slots),
-                        (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender')",
+                        (SELECT setting::int8 FROM pg_settings WHERE name = 'max_slot_wal_keep_size')",
                 &[],
             )
             .await?;
@@ -103,7 +109,12 @@ impl ServerFacts {
             user: row.get(7),
             in_recovery: row.get(8),
             slots_used: row.get(9),
-            wal_senders_used: row.get(10),
+            max_slot_wal_keep_size_mb: row.get(10),
+            wal_senders_used: client
+                .query_one("SELECT count(*) FROM pg_stat_get_wal_senders()", &[])
+                .await
+                .ok()
+                .map(|r| r.get(0)),
         })
     }
 }

@@ -35,14 +35,37 @@ fn check_server(cfg: &Config, s: &ServerFacts, out: &mut Vec<Problem>) {
             "max_wal_senders is 0, so no replication connection is possible",
             "set max_wal_senders = 10 in postgresql.conf and restart PostgreSQL",
         ));
-    } else if s.wal_senders_used >= i64::from(s.max_wal_senders) {
-        out.push(Problem::new(
-            format!(
-                "all {} WAL senders (max_wal_senders) are busy",
-                s.max_wal_senders
-            ),
-            "raise max_wal_senders in postgresql.conf and restart PostgreSQL, or stop an unused \
-             replication client",
+    } else {
+        match s.wal_senders_used {
+            // A note, not an error: senders come and go (a restarting relay's
+            // old walsender, a replica), and `run` retries SQLSTATE 53300
+            // until one is free, saying why (status::watch).
+            Some(used) if used >= i64::from(s.max_wal_senders) => out.push(Problem::info(
+                format!(
+                    "all {} WAL senders (max_wal_senders) are busy right now",
+                    s.max_wal_senders
+                ),
+                "raise max_wal_senders in postgresql.conf and restart PostgreSQL, or stop an \
+                 unused replication client; until a sender is free the relay retries \
+                 (SQLSTATE 53300) and /readyz says why",
+            )),
+            Some(_) => {}
+            None => out.push(Problem::info(
+                "cannot tell whether a WAL sender is free: pg_stat_get_wal_senders() is not readable",
+                format!(
+                    "check SELECT count(*) FROM pg_stat_get_wal_senders() against max_wal_senders \
+                     ({}) as a role that can read it",
+                    s.max_wal_senders
+                ),
+            )),
+        }
+    }
+    if s.max_slot_wal_keep_size_mb == Some(-1) {
+        out.push(Problem::info(
+            "max_slot_wal_keep_size is -1 (unlimited): while the relay or Kafka is down the \
+             slot retains WAL until the server's disk is full",
+            "set max_slot_wal_keep_size in postgresql.conf (e.g. WAL rate at peak x 4 hours, \
+             below the WAL volume's free space; see docs/deploy.md, Sizing) and reload",
         ));
     }
     if s.max_replication_slots == 0 {
@@ -553,7 +576,8 @@ mod tests {
                 user: "relay".into(),
                 in_recovery: false,
                 slots_used: 1,
-                wal_senders_used: 0,
+                wal_senders_used: Some(0),
+                max_slot_wal_keep_size_mb: Some(20 * 1024),
             },
             rest: Some(Rest {
                 role: RoleFacts {
@@ -634,7 +658,7 @@ mod tests {
     #[test]
     fn server_capacity_timeout_and_standby() {
         let mut f = good();
-        f.server.wal_senders_used = 10;
+        f.server.wal_senders_used = Some(10);
         f.server.max_replication_slots = 0;
         f.server.wal_sender_timeout_ms = 1500;
         f.server.in_recovery = true;
@@ -652,6 +676,17 @@ mod tests {
         c.postgres.status_interval = Duration::from_millis(500);
         f.server.wal_sender_timeout_ms = 0;
         assert_eq!(texts(&c, &f).len(), 3);
+    }
+
+    #[test]
+    fn unreadable_wal_senders_and_unlimited_wal_keep_are_notes() {
+        let mut f = good();
+        f.server.wal_senders_used = None;
+        f.server.max_slot_wal_keep_size_mb = Some(-1);
+        let t = texts(&cfg(), &f);
+        assert_eq!(t.len(), 2, "{t:#?}");
+        assert!(t[0].starts_with("Info: cannot tell whether a WAL sender is free"));
+        assert!(t[1].starts_with("Info: max_slot_wal_keep_size is -1"));
     }
 
     #[test]

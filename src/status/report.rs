@@ -52,6 +52,33 @@ pub fn exit_reason(status: &SlotStatus, max_retained_bytes: u64) -> Option<(i32,
     }
 }
 
+/// The opt-in bookmark check of `status`: (code 5, one sentence) when a
+/// bookmark retains more WAL than `max_bookmark_retained_bytes`, naming the
+/// largest. Consulted only when [`exit_reason`] is `None`.
+pub fn bookmark_exit_reason(
+    status: &SlotStatus,
+    max_bookmark_retained_bytes: u64,
+) -> Option<(i32, String)> {
+    let over: Vec<_> = status
+        .bookmarks
+        .iter()
+        .filter_map(|b| Some((b, b.slot.retained_wal_bytes?)))
+        .filter(|(_, r)| *r > max_bookmark_retained_bytes)
+        .collect();
+    let (worst, retained) = over.iter().max_by_key(|(_, r)| *r)?;
+    Some((
+        super::EXIT_BOOKMARK_RETAINING_TOO_MUCH,
+        format!(
+            "{} bookmark(s) retain more WAL than the limit of {}; the largest, {:?}, retains {}: replay it or drop it (outbox-relay bookmark drop {})",
+            over.len(),
+            human_bytes(max_bookmark_retained_bytes),
+            worst.name,
+            human_bytes(*retained),
+            worst.name
+        ),
+    ))
+}
+
 fn invalidation_text(slot: &SlotInfo) -> String {
     if let Some(reason) = &slot.invalidation_reason {
         return reason.clone();
