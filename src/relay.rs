@@ -588,7 +588,9 @@ impl Relay {
         }
         self.metrics.streaming(true);
         self.metrics.slot_held(true);
-        let server_stopping = client.server_stopping();
+        // The sampler (its own connection per sample) says when the server
+        // refuses connections because it is shutting down.
+        let (stopping_tx, server_stopping) = tokio::sync::watch::channel(false);
         // Durable progress: for the live relay (replay neither skips nor records).
         let (skip_below, progress_tx, _writer) = if self.opts.confirm && self.opts.end_lsn.is_none()
         {
@@ -598,11 +600,12 @@ impl Relay {
             (Lsn::ZERO, None, None)
         };
         // The SQL connection now samples lag for the metrics and the progress log.
+        drop(client);
         let sampler = tokio::spawn(sample_lag(
-            client,
-            pg.slot.clone(),
+            pg.clone(),
             stream.backend_pid(),
             self.metrics.clone(),
+            stopping_tx,
         ));
         let _sampler = AbortOnDrop(sampler);
         let sink = self.sink.as_mut().expect("sink was just ensured");

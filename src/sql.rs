@@ -22,18 +22,6 @@ use crate::replication::tls::{self, SslMode, TlsOptions};
 pub struct SqlConnection {
     pub client: tokio_postgres::Client,
     task: JoinHandle<()>,
-    server_stopping: tokio::sync::watch::Receiver<bool>,
-}
-
-impl SqlConnection {
-    /// Becomes `true` when the server ended this connection because it is
-    /// shutting down (SQLSTATE 57P01 `admin_shutdown`, also sent by
-    /// `pg_terminate_backend`, or 57P02 `crash_shutdown`). The relay lets go
-    /// of its replication stream then, so the walsender does not hold the
-    /// shutdown while Kafka is down.
-    pub fn server_stopping(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.server_stopping.clone()
-    }
 }
 
 impl Drop for SqlConnection {
@@ -62,10 +50,9 @@ pub enum SqlConnectError {
 pub async fn connect(cfg: &PostgresConfig) -> Result<SqlConnection, SqlConnectError> {
     let config = cfg.sql_config()?;
     let opts = cfg.tls_options()?;
-    let (stopping_tx, server_stopping) = tokio::sync::watch::channel(false);
     let (client, task) = if opts.mode == SslMode::Disable {
         let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
-        (client, spawn(connection, stopping_tx))
+        (client, spawn(connection))
     } else {
         let connector = RustlsConnect::new(&opts).map_err(|e| {
             ConfigError::Invalid(vec![Problem::new(
@@ -75,13 +62,9 @@ pub async fn connect(cfg: &PostgresConfig) -> Result<SqlConnection, SqlConnectEr
             )])
         })?;
         let (client, connection) = config.connect(connector).await?;
-        (client, spawn(connection, stopping_tx))
+        (client, spawn(connection))
     };
-    Ok(SqlConnection {
-        client,
-        task,
-        server_stopping,
-    })
+    Ok(SqlConnection { client, task })
 }
 
 /// A TLS handshake refused for a reason an operator must fix: the server
@@ -105,20 +88,13 @@ pub fn is_tls_refusal(e: &tokio_postgres::Error) -> bool {
     false
 }
 
-fn spawn<F>(connection: F, stopping: tokio::sync::watch::Sender<bool>) -> JoinHandle<()>
+fn spawn<F>(connection: F) -> JoinHandle<()>
 where
     F: Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
 {
-    use tokio_postgres::error::SqlState;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "sql connection ended");
-            if matches!(
-                e.code(),
-                Some(&SqlState::ADMIN_SHUTDOWN) | Some(&SqlState::CRASH_SHUTDOWN)
-            ) {
-                stopping.send_replace(true);
-            }
         }
     })
 }

@@ -53,8 +53,9 @@ pub(super) struct Session<'a> {
     pub(super) last_wal_start: Lsn,
     /// Notices that the server waits on us to shut down ([`super::letgo`]).
     pub(super) shutdown_detector: ShutdownDetector,
-    /// `true` once the server ended the session's SQL connection for a
-    /// shutdown: the stream cannot be read (window full) to see its pings.
+    /// `true` once the server refused the lag sampler's connection because
+    /// it is shutting down: the stream may not be read (window full) to see
+    /// the walsender's pings.
     pub(super) server_stopping: tokio::sync::watch::Receiver<bool>,
     /// Durable progress ([`super::progress`]): transactions committing below
     /// this position were acknowledged before; they are skipped, not re-sent.
@@ -167,10 +168,10 @@ impl Session<'_> {
                         stopping_watch = false;
                     }
                     if *self.server_stopping.borrow() && self.tracker.pending_records() > 0 {
-                        // PostgreSQL ended our SQL session for a shutdown and we
+                        // PostgreSQL refuses connections for a shutdown and we
                         // hold unconfirmed records: its walsender would wait on
                         // them (we may not even be reading its pings).
-                        return self.let_go(stream, "the server ended the relay's SQL session for a shutdown").await;
+                        return self.let_go(stream, "the server refuses new connections: it is shutting down").await;
                     }
                 }
                 msg = stream.next_message(), if intake => {
