@@ -782,7 +782,12 @@ async fn warn_skipped(
         .query_one(
             "SELECT count(*) FROM pg_logical_slot_peek_binary_changes($1, $2::text::pg_lsn, NULL, \
              'proto_version', '1', 'publication_names', $3) WHERE get_byte(data, 0) = 73",
-            &[&pg.slot, &start.to_string(), &pg.publication],
+            // pgoutput parses publication_names as a list of identifiers.
+            &[
+                &pg.slot,
+                &start.to_string(),
+                &format!("\"{}\"", pg.publication.replace('"', "\"\"")),
+            ],
         )
         .await
         .map(|row| row.get::<_, i64>(0));
