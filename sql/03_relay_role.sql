@@ -1,6 +1,7 @@
 -- A least-privilege role for the relay: it can log in, open a logical replication
 -- connection (REPLICATION: create, stream from and confirm its slot) and read the
--- outbox table. It cannot write anything, nor read other tables.
+-- outbox table. It cannot write anything (but its progress row, sql/04_progress.sql),
+-- nor read other tables.
 --
 -- Replace the placeholder password (or leave it out and set one with \password in
 -- psql); give it to the relay via OUTBOX_RELAY_POSTGRES_PASSWORD or

@@ -74,6 +74,23 @@ pub struct SlotStatus {
     pub publication: PublicationInfo,
     /// Slots named `<slot>_bookmark_<name>`, by name.
     pub bookmarks: Vec<Bookmark>,
+    /// The slot's identity: which cluster and timeline it lives on
+    /// (`pg_control_system()`, `pg_control_checkpoint()`); the relay stops if
+    /// either changes under it without a failover slot. `None` when the role
+    /// may not read them.
+    pub identity: Option<SlotIdentity>,
+}
+
+/// The cluster and timeline a slot lives on, and whether it follows a failover.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SlotIdentity {
+    /// The cluster's system identifier (as `IDENTIFY_SYSTEM` reports it).
+    pub system_identifier: String,
+    /// Timeline of the latest checkpoint.
+    pub timeline: u32,
+    /// PostgreSQL 17+: the slot is a failover slot (synchronised to standbys);
+    /// `None` before 17 or when the slot is missing.
+    pub failover: Option<bool>,
 }
 
 /// One replication slot as `pg_replication_slots` shows it.
@@ -237,7 +254,9 @@ pub async fn collect(
         }
     }
 
+    let identity = slot_identity(client, slot, version_num).await;
     Ok(SlotStatus {
+        identity,
         server_version_num: version_num,
         server_version: server.get(1),
         in_recovery: server.get(2),
@@ -247,6 +266,25 @@ pub async fn collect(
         slot: main,
         publication: publication_info(client, publication).await?,
         bookmarks,
+    })
+}
+
+/// The slot's identity, or `None` when it cannot be read (privileges).
+async fn slot_identity(client: &Client, slot: &str, version_num: u32) -> Option<SlotIdentity> {
+    let failover = if version_num >= 170000 {
+        "(SELECT failover FROM pg_replication_slots WHERE slot_name = $1)"
+    } else {
+        "(SELECT NULL::bool WHERE $1::text IS NOT NULL)"
+    };
+    let sql = format!(
+        "SELECT (SELECT system_identifier::text FROM pg_control_system()), \
+                (SELECT timeline_id FROM pg_control_checkpoint()), {failover}"
+    );
+    let row = client.query_one(&sql, &[&slot]).await.ok()?;
+    Some(SlotIdentity {
+        system_identifier: row.get(0),
+        timeline: u32::try_from(row.get::<_, i32>(1)).unwrap_or(0),
+        failover: row.get(2),
     })
 }
 

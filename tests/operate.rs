@@ -190,6 +190,17 @@ async fn status_json_and_exit_codes() {
     );
     assert!(text.contains("pgoutput"), "{text}");
     assert!(text.contains("outbox_events"), "publication tables: {text}");
+    // The slot's identity: the cluster and timeline it lives on.
+    let sysid: String = client
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v["identity"]["system_identifier"], sysid.as_str(), "{text}");
+    assert_eq!(v["identity"]["timeline"], 1, "{text}");
     // The human form names the slot too.
     let (code, out, _) = command(&env, &["status"]);
     assert_eq!(code, 0);
@@ -397,11 +408,12 @@ async fn a_standby_is_ready_and_says_so() {
     .await;
 }
 
-/// The lag sampler's SQL connection dies (terminated by an operator, a
-/// pooler, a failover): the slot gauges keep moving (the watcher samples over
-/// a fresh connection), the sample age stays small, and the log says so once.
+/// The relay's SQL connections are terminated (by an operator, a pooler, a
+/// failover): the slot gauges keep moving and the sample age stays small (the
+/// lag sampler opens a connection per sample, so it holds none to lose; the
+/// watcher samples over its own when the session does not).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slot_gauges_keep_moving_after_the_sampling_connection_dies() {
+async fn slot_gauges_keep_moving_after_sql_connections_are_killed() {
     let env = Env::new(PgVersion::V15).await;
     let client = env.client().await;
     let mut relay = RelayProcess::spawn(&env.args(&[]), &[("RUST_LOG", "info")]);
@@ -417,8 +429,9 @@ async fn slot_gauges_keep_moving_after_the_sampling_connection_dies() {
         }
     })
     .await;
-    // Every SQL (not replication) connection of the relay.
-    let killed: i64 = client
+    // Every SQL (not replication) connection of the relay open right now
+    // (often none: the sampler connects per sample).
+    let _killed: i64 = client
         .query_one(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
              WHERE application_name = 'outbox-relay' AND backend_type = 'client backend'",
@@ -427,7 +440,6 @@ async fn slot_gauges_keep_moving_after_the_sampling_connection_dies() {
         .await
         .unwrap()
         .get(0);
-    assert!(killed >= 1, "the relay's SQL connection was found");
     client
         .batch_execute("CREATE TABLE filler AS SELECT g FROM generate_series(1, 20000) g")
         .await
@@ -446,11 +458,6 @@ async fn slot_gauges_keep_moving_after_the_sampling_connection_dies() {
         },
     )
     .await;
-    assert!(
-        relay.log().contains("lag sampling connection lost"),
-        "{}",
-        relay.log()
-    );
     assert_eq!(get(&addr, "/readyz").await.0, 200);
 }
 

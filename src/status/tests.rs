@@ -55,6 +55,7 @@ fn status(slot_info: Option<SlotInfo>) -> SlotStatus {
             tables: vec!["public.outbox_events".into()],
         },
         bookmarks: vec![],
+        identity: None,
     }
 }
 
