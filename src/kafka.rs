@@ -228,6 +228,20 @@ pub struct SinkSettings {
     pub max_in_flight_records: usize,
 }
 
+impl SinkSettings {
+    /// The producer settings of a configuration (run, replay and `check` alike).
+    pub fn from_config(cfg: &crate::config::Config) -> SinkSettings {
+        SinkSettings {
+            brokers: cfg.kafka.brokers.clone(),
+            properties: cfg.kafka.properties.clone(),
+            create_topics: cfg.kafka.create_topics,
+            topic_partitions: cfg.kafka.topic_partitions,
+            topic_replication_factor: cfg.kafka.topic_replication_factor,
+            max_in_flight_records: cfg.relay.max_in_flight_records,
+        }
+    }
+}
+
 impl std::fmt::Debug for SinkSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let props = crate::config::redacted_properties(

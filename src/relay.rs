@@ -384,14 +384,7 @@ impl Relay {
     }
 
     fn sink_settings(&self) -> SinkSettings {
-        SinkSettings {
-            brokers: self.cfg.kafka.brokers.clone(),
-            properties: self.cfg.kafka.properties.clone(),
-            create_topics: self.cfg.kafka.create_topics,
-            topic_partitions: self.cfg.kafka.topic_partitions,
-            topic_replication_factor: self.cfg.kafka.topic_replication_factor,
-            max_in_flight_records: self.cfg.relay.max_in_flight_records,
-        }
+        SinkSettings::from_config(&self.cfg)
     }
 
     /// Stream until shut down or a fatal error.

@@ -370,14 +370,7 @@ pub async fn replay_table(
     };
     let query = format!("SELECT {select} FROM {table} WHERE {filter} ORDER BY {order}");
 
-    let settings = SinkSettings {
-        brokers: cfg.kafka.brokers.clone(),
-        properties: cfg.kafka.properties.clone(),
-        create_topics: cfg.kafka.create_topics,
-        topic_partitions: cfg.kafka.topic_partitions,
-        topic_replication_factor: cfg.kafka.topic_replication_factor,
-        max_in_flight_records: cfg.relay.max_in_flight_records,
-    };
+    let settings = SinkSettings::from_config(cfg);
     let mut sink = KafkaSink::new(&settings)?;
     let mut tracker = AckTracker::new(Lsn::ZERO);
     tracker

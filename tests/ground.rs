@@ -11,7 +11,10 @@ use std::time::Duration;
 
 use harness::outbox::{insert_rows, Env, Expected, DEADLINE, TABLE_SQL};
 use harness::proxy::Proxy;
-use harness::{current_wal_lsn, lsn_to_u64, wait_until, PgCluster, PgVersion, RelayProcess};
+use harness::{
+    create_logical_slot, current_wal_lsn, lsn_to_u64, set_and_reload, slot_holder_pid, wait_until,
+    PgCluster, PgVersion, RelayProcess,
+};
 
 /// Relay arguments reaching PostgreSQL at `pg` (a proxy), with quick reconnects.
 fn args_via(env: &Env, pg: SocketAddr, extra: &[&str]) -> Vec<String> {
@@ -33,18 +36,6 @@ fn args_via(env: &Env, pg: SocketAddr, extra: &[&str]) -> Vec<String> {
 
 fn pg_addr(pg: &PgCluster) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], pg.port()))
-}
-
-/// The walsender holding `slot`, if any.
-async fn holder_pid(client: &tokio_postgres::Client, slot: &str) -> Option<i32> {
-    client
-        .query_opt(
-            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .unwrap()
-        .and_then(|r| r.get(0))
 }
 
 async fn slot_exists(client: &tokio_postgres::Client, slot: &str) -> bool {
@@ -83,7 +74,7 @@ async fn a_slot_dropped_while_the_relay_is_away_stops_it_with_the_gap() {
     // events are committed.
     proxy.cut();
     wait_until(DEADLINE, "the walsender lets go of the slot", || async {
-        holder_pid(&client, &env.slot).await.is_none()
+        slot_holder_pid(&client, &env.slot).await.is_none()
     })
     .await;
     client
@@ -116,13 +107,7 @@ async fn another_cluster_behind_the_address_stops_the_relay() {
     let other = PgCluster::start(PgVersion::V17, &[]);
     let other_client = other.client().await;
     other_client.batch_execute(TABLE_SQL).await.unwrap();
-    other_client
-        .query(
-            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[&env.slot],
-        )
-        .await
-        .unwrap();
+    create_logical_slot(&other_client, &env.slot).await;
 
     let proxy = Proxy::start("pg", pg_addr(&env.pg));
     let mut relay = RelayProcess::spawn(&args_via(&env, proxy.addr(), &[]), &[]);
@@ -147,13 +132,7 @@ async fn another_cluster_behind_the_address_stops_the_relay() {
 async fn start_lsn_is_for_the_first_session_only() {
     let env = Env::new(PgVersion::V17).await;
     let client = env.client().await;
-    client
-        .query(
-            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[&env.slot],
-        )
-        .await
-        .unwrap();
+    create_logical_slot(&client, &env.slot).await;
     // Rows the operator chose to skip, then the start position.
     let skipped = insert_rows(&client, 0, 2, 2).await;
     let start = current_wal_lsn(&client).await;
@@ -178,13 +157,13 @@ async fn start_lsn_is_for_the_first_session_only() {
     .await;
 
     // A reconnect: the walsender is terminated.
-    let pid = holder_pid(&client, &env.slot).await.expect("held");
+    let pid = slot_holder_pid(&client, &env.slot).await.expect("held");
     client
         .query("SELECT pg_terminate_backend($1)", &[&pid])
         .await
         .unwrap();
     wait_until(DEADLINE, "the relay streams again", || async {
-        holder_pid(&client, &env.slot)
+        slot_holder_pid(&client, &env.slot)
             .await
             .is_some_and(|p| p != pid)
     })
@@ -201,20 +180,13 @@ async fn start_lsn_is_for_the_first_session_only() {
 async fn a_long_silence_within_wal_sender_timeout_keeps_the_stream() {
     let env = Env::new(PgVersion::V17).await;
     let client = env.client().await;
-    client
-        .batch_execute("ALTER SYSTEM SET wal_sender_timeout = '180s'")
-        .await
-        .unwrap();
-    client
-        .batch_execute("SELECT pg_reload_conf()")
-        .await
-        .unwrap();
+    set_and_reload(&client, "wal_sender_timeout", "180s").await;
     let proxy = Proxy::start("pg", pg_addr(&env.pg));
     let mut relay = RelayProcess::spawn(&args_via(&env, proxy.addr(), &[]), &[]);
     env.wait_streaming(&mut relay).await;
     let n = insert_rows(&client, 0, 3, 2).await;
     all_delivered(&env, &client, n).await;
-    let pid = holder_pid(&client, &env.slot).await.expect("held");
+    let pid = slot_holder_pid(&client, &env.slot).await.expect("held");
 
     // 40 s without a byte from the server: what a walsender decoding a large
     // transaction of another table looks like (it neither sends nor reads),
@@ -226,7 +198,7 @@ async fn a_long_silence_within_wal_sender_timeout_keeps_the_stream() {
 
     all_delivered(&env, &client, n).await;
     assert_eq!(
-        holder_pid(&client, &env.slot).await,
+        slot_holder_pid(&client, &env.slot).await,
         Some(pid),
         "the stream was dropped and reopened:\n{}",
         relay.log()

@@ -191,14 +191,7 @@ async fn status_json_and_exit_codes() {
     assert!(text.contains("pgoutput"), "{text}");
     assert!(text.contains("outbox_events"), "publication tables: {text}");
     // The slot's identity: the cluster and timeline it lives on.
-    let sysid: String = client
-        .query_one(
-            "SELECT system_identifier::text FROM pg_control_system()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let sysid = harness::system_identifier(&client).await;
     assert_eq!(v["identity"]["system_identifier"], sysid.as_str(), "{text}");
     assert_eq!(v["identity"]["timeline"], 1, "{text}");
     // The human form names the slot too.

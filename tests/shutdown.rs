@@ -8,23 +8,11 @@ mod harness;
 use std::time::{Duration, Instant};
 
 use harness::outbox::{insert_rows, Env, Expected, DEADLINE};
-use harness::{pg_versions, wait_until, PgVersion, RelayProcess, ShutdownMode};
+use harness::{pg_versions, slot_holder_pid, wait_until, PgVersion, RelayProcess, ShutdownMode};
 
 /// A shutdown that waits on nothing takes a second or two here; a hostage one
 /// never ends (pg_ctl gives up after 60 s). Generous for a busy machine.
 const SHUTDOWN_BOUND: Duration = Duration::from_secs(20);
-
-/// The walsender holding `slot`, if any.
-async fn holder_pid(client: &tokio_postgres::Client, slot: &str) -> Option<i32> {
-    client
-        .query_opt(
-            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .unwrap()
-        .and_then(|r| r.get(0))
-}
 
 /// Relay arguments: quick reconnects (the server comes back soon), a message
 /// timeout far longer than the test (records stay in flight while the broker
@@ -116,14 +104,14 @@ async fn a_long_broker_hang_without_shutdown_keeps_the_stream() {
     let n = insert_rows(&client, 0, 3, 2).await;
     let expected = Expected::read(&client).await;
     expected.check(&expected.consume(&env.broker).await);
-    let pid = holder_pid(&client, &env.slot).await.expect("held");
+    let pid = slot_holder_pid(&client, &env.slot).await.expect("held");
 
     // Records in flight that cannot be confirmed for a long while: the relay
     // keeps replying with the position it holds, the server keeps streaming.
     env.broker.pause();
     let n = insert_rows(&client, n, 20, 3).await;
     tokio::time::sleep(Duration::from_secs(20)).await;
-    assert_eq!(holder_pid(&client, &env.slot).await, Some(pid));
+    assert_eq!(slot_holder_pid(&client, &env.slot).await, Some(pid));
     env.broker.resume();
     let expected = Expected::read(&client).await;
     assert_eq!(expected.rows.len() as u64, n);
@@ -133,7 +121,7 @@ async fn a_long_broker_hang_without_shutdown_keeps_the_stream() {
     })
     .await;
     assert_eq!(
-        holder_pid(&client, &env.slot).await,
+        slot_holder_pid(&client, &env.slot).await,
         Some(pid),
         "the stream was dropped during the hang:\n{}",
         relay.log()

@@ -334,14 +334,7 @@ async fn a_stale_holder_is_terminated_when_asked() {
     // only the relay can free the slot. (With it, the relay waits past the
     // server's own timeout, which then frees the slot first: a busy
     // walsender reads no replies for that long while its peer is alive.)
-    client
-        .batch_execute("ALTER SYSTEM SET wal_sender_timeout = 0")
-        .await
-        .unwrap();
-    client
-        .batch_execute("SELECT pg_reload_conf()")
-        .await
-        .unwrap();
+    harness::set_and_reload(&client, "wal_sender_timeout", "0").await;
     // A hung relay (SIGSTOP) keeps its connection open but sends no status
     // replies: its walsender holds the slot while nothing is delivered.
     let mut first = env.relay();

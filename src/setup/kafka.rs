@@ -34,14 +34,7 @@ const ROUTED_BY_VALUE: &str = "${routedByValue}";
 
 /// Everything `check` has to say about Kafka (errors and notes).
 pub async fn diagnose_kafka(cfg: &Config) -> Vec<Problem> {
-    let settings = SinkSettings {
-        brokers: cfg.kafka.brokers.clone(),
-        properties: cfg.kafka.properties.clone(),
-        create_topics: cfg.kafka.create_topics,
-        topic_partitions: cfg.kafka.topic_partitions,
-        topic_replication_factor: cfg.kafka.topic_replication_factor,
-        max_in_flight_records: cfg.relay.max_in_flight_records,
-    };
+    let settings = SinkSettings::from_config(cfg);
     let admin: AdminClient<DefaultClientContext> = match settings.client_config().create() {
         Ok(a) => a,
         Err(e) => {

@@ -734,6 +734,54 @@ pub async fn slot_active(client: &tokio_postgres::Client, slot: &str) -> Option<
         .map(|row| row.get(0))
 }
 
+/// The walsender holding `slot`, if any.
+pub async fn slot_holder_pid(client: &tokio_postgres::Client, slot: &str) -> Option<i32> {
+    client
+        .query_opt(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .expect("query pg_replication_slots")
+        .and_then(|row| row.get(0))
+}
+
+/// A pgoutput slot made over SQL (as an operator would, before the relay runs).
+pub async fn create_logical_slot(client: &tokio_postgres::Client, slot: &str) {
+    client
+        .query(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await
+        .expect("create the logical slot");
+}
+
+/// The cluster's system identifier, as `IDENTIFY_SYSTEM` reports it.
+pub async fn system_identifier(client: &tokio_postgres::Client) -> String {
+    client
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+        .expect("pg_control_system()")
+        .get(0)
+}
+
+/// `ALTER SYSTEM SET name = value`, then reload (two statements: ALTER SYSTEM
+/// cannot run in the implicit transaction of a multi-statement query).
+pub async fn set_and_reload(client: &tokio_postgres::Client, name: &str, value: &str) {
+    client
+        .batch_execute(&format!("ALTER SYSTEM SET {name} = '{value}'"))
+        .await
+        .expect("ALTER SYSTEM");
+    client
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .expect("pg_reload_conf()");
+}
+
 /// `pg_current_wal_lsn()` as text.
 pub async fn current_wal_lsn(client: &tokio_postgres::Client) -> String {
     client
