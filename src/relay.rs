@@ -63,6 +63,10 @@ const PROMPT_INTERVAL: Duration = Duration::from_millis(10);
 const LET_GO_FINISH_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the final CopyDone handshake may take at shutdown.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a failed session, how long to keep taking the broker's
+/// acknowledgements of records still in flight (usually milliseconds), so the
+/// next session skips them instead of sending them again.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A session that streamed this long resets the reconnect backoff.
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 /// How often the slot's lag and retained WAL are sampled over SQL.
@@ -352,6 +356,11 @@ pub struct Relay {
     decode_failures: Option<(Lsn, u32)>,
     /// The progress table could not be used (said once until it works).
     progress_warned: bool,
+    /// What the broker acknowledged by the end of the last session, on which
+    /// server: the next session on the same server and timeline skips it
+    /// like the durable progress record (which may lag it, or be unwritable
+    /// while PostgreSQL restarts).
+    acked: Option<(identity::ServerIdentity, Lsn)>,
     delivery: delivery::DeliveryMemory,
 }
 
@@ -373,6 +382,7 @@ impl Relay {
             memory: identity::Memory::default(),
             decode_failures: None,
             progress_warned: false,
+            acked: None,
             delivery: Default::default(),
         }
     }
@@ -638,6 +648,31 @@ impl Relay {
         };
         let result = session.run(&mut stream, sink, &self.shutdown).await;
         session.report_skipped();
+        let stream = if matches!(result, Err(RelayError::ServerShuttingDown { .. })) {
+            // End the copy so the walsender exits now (it has nothing more to
+            // send; a window-full stream still has data in the socket, which
+            // `finish` reads past, bounded by its timeout).
+            if let Err(e) = stream.finish(LET_GO_FINISH_TIMEOUT).await {
+                tracing::debug!(error = %e, "replication stream did not finish cleanly");
+            }
+            None
+        } else {
+            Some(stream)
+        };
+        // The PostgreSQL side failed (connection lost, server stopping or
+        // silent) with records in flight: a broker that is fine acknowledges
+        // them now. Not after the broker's own failures: nothing would come.
+        let postgres_side = matches!(
+            result,
+            Err(RelayError::Replication(_)
+                | RelayError::Sql(_)
+                | RelayError::StreamEnded
+                | RelayError::ServerShuttingDown { .. }
+                | RelayError::ServerSilent(_))
+        );
+        if postgres_side && self.opts.confirm && self.opts.end_lsn.is_none() {
+            session.settle(sink, SETTLE_TIMEOUT).await;
+        }
         let confirmed = if self.opts.confirm {
             session.tracker.flushed()
         } else {
@@ -645,23 +680,22 @@ impl Relay {
         };
         self.memory
             .note_confirmed(confirmed, session.tracker.flushed_commit_time());
+        if self.opts.confirm && self.opts.end_lsn.is_none() {
+            self.acked = Some((server.clone(), session.tracker.flushed()));
+        }
         let last_wal_start = session.last_wal_start;
         let finished = session.finished;
         if let Err(e @ RelayError::ServerShuttingDown { .. }) = result {
-            // End the copy so the walsender exits now (it has nothing more to
-            // send; a window-full stream still has data in the socket, which
-            // `finish` reads past, bounded by its timeout).
-            if let Err(e) = stream.finish(LET_GO_FINISH_TIMEOUT).await {
-                tracing::debug!(error = %e, "replication stream did not finish cleanly");
-            }
             return Err(e);
         }
         if let Err(e) = result {
             return Err(self.judge_decode_failure(e, last_wal_start));
         }
         self.decode_failures = None;
-        if let Err(e) = stream.finish(FINISH_TIMEOUT).await {
-            tracing::debug!(error = %e, "replication stream did not finish cleanly");
+        if let Some(stream) = stream {
+            if let Err(e) = stream.finish(FINISH_TIMEOUT).await {
+                tracing::debug!(error = %e, "replication stream did not finish cleanly");
+            }
         }
         Ok(if finished {
             SessionEnd::Finished
@@ -714,8 +748,24 @@ impl Relay {
                 return (Lsn::ZERO, None, None);
             }
         };
-        let skip_below = recorded.filter(|&r| r > confirmed).unwrap_or(Lsn::ZERO);
+        // What the last session of this process saw acknowledged on this very
+        // server and timeline counts too: it may be ahead of the record.
+        let remembered = self
+            .acked
+            .as_ref()
+            .filter(|(on, _)| on == server)
+            .map(|&(_, lsn)| lsn);
+        let known = recorded.max(remembered);
+        let skip_below = known.filter(|&r| r > confirmed).unwrap_or(Lsn::ZERO);
         let (tx, rx) = tokio::sync::watch::channel(recorded.unwrap_or(Lsn::ZERO).max(confirmed));
+        if let Some(r) = remembered {
+            // Record it now: the writer writes what changes.
+            tx.send_if_modified(|v| {
+                let moved = r > *v;
+                *v = (*v).max(r);
+                moved
+            });
+        }
         let writer = tokio::spawn(progress::writer(pg.clone(), pg.table.clone(), owner, rx));
         (skip_below, Some(tx), Some(AbortOnDrop(writer)))
     }

@@ -19,7 +19,8 @@
 //!
 //! Knobs: `CHAOS_SEED=N` replays a run's schedule and load shape (every run prints
 //! its seed; timing still varies), `CHAOS_PG=15|17` picks the PostgreSQL version
-//! (default 17). They are not `OUTBOX_RELAY_*` variables because the relay inherits
+//! (default 17), `TEST_RELAY_BIN=path` runs another build of the relay (before/after
+//! measurements). They are not `OUTBOX_RELAY_*` variables because the relay inherits
 //! the test's environment and rejects unknown ones of its prefix. The summary table
 //! goes to stderr (nextest shows it with `--no-capture`, or when the test fails).
 //!
@@ -74,7 +75,9 @@ use harness::{
     ShutdownMode,
 };
 use load::{LoadShape, Progress, MARKER_AGGREGATE, MARKER_KEY, MARKER_WRITER};
-use report::{error_kinds, error_lines, report_path, strip_ansi, RelayStats, Report};
+use report::{
+    error_kinds, error_lines, progress_skips, report_path, strip_ansi, RelayStats, Report,
+};
 
 const TABLE_SQL: &str = include_str!("../sql/01_outbox_table.sql");
 /// Relay log filter.
@@ -438,6 +441,12 @@ struct FaultRecord {
     /// From the end of the fault to the slot confirming the WAL position at its end.
     caught_up: Duration,
     note: String,
+    /// Commit positions this fault may make the relay send again: from the lowest
+    /// confirmed position of the slot just before and just after the fault (a
+    /// PostgreSQL crash rewinds it) to the WAL written by the fault's end.
+    window: (u64, u64),
+    /// Extra deliveries charged to this fault (filled in after the run).
+    duplicates: usize,
 }
 
 /// The slot samples taken during one broker hang.
@@ -945,9 +954,14 @@ async fn run(plan: Plan) {
         let at = world.elapsed();
         let began = Instant::now();
         let repairs_before = world.broker_repairs;
+        let confirmed_before = world.monitor.confirmed().await;
         let mut note = world.inject(fault).await;
         let length = began.elapsed();
         let end = Instant::now();
+        let window = (
+            confirmed_before.min(world.monitor.confirmed().await),
+            world.monitor.write_lsn().await,
+        );
         let (resumed, caught_up) = world.recovery(end, fault.kind.label()).await;
         let repairs = world.broker_repairs - repairs_before;
         if repairs > 0 {
@@ -974,6 +988,8 @@ async fn run(plan: Plan) {
             resumed,
             caught_up,
             note,
+            window,
+            duplicates: 0,
         });
     }
     let faults_done = world.elapsed();
@@ -1036,6 +1052,11 @@ async fn run(plan: Plan) {
     .expect("consumer task");
     let consume_time = consume_began.elapsed();
     let verdict = check::check(&expected, &rolled_back, &deliveries);
+    let windows: Vec<(u64, u64)> = world.records.iter().map(|r| r.window).collect();
+    let sources = check::duplicate_sources(&deliveries, &windows);
+    for (r, n) in world.records.iter_mut().zip(&sources.per_fault) {
+        r.duplicates = *n;
+    }
 
     // The slot during each hang against the first commit that could not have been
     // acknowledged, from the records' commit LSN headers.
@@ -1068,6 +1089,7 @@ async fn run(plan: Plan) {
     let logs = strip_ansi(&world.all_relay_logs());
     let count = |needle: &str| logs.lines().filter(|l| l.contains(needle)).count();
     let relay_stats = RelayStats {
+        progress_skips: progress_skips(&logs),
         sessions_failed: count("replication session failed"),
         producer_rebuilds: count("rebuilding the kafka producer"),
         errors: count(" ERROR "),
@@ -1091,6 +1113,7 @@ async fn run(plan: Plan) {
         ledgers: &ledgers,
         markers: world.markers.len(),
         verdict: &verdict,
+        duplicates_outside: sources.outside,
         relay: &relay_stats,
         proxies: [
             (

@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -282,6 +282,41 @@ impl Session<'_> {
             SinkEvent::Failed(failure) => self.on_delivery_failed(failure),
             SinkEvent::Fatal(reason) => Err(RelayError::ProducerFatal(reason)),
         }
+    }
+
+    /// The session failed with records in flight. A healthy broker
+    /// acknowledges them within milliseconds: take those acknowledgements
+    /// (until the first failure, or `within`) so the flush position covers
+    /// them and the next session skips them rather than re-sending them. A
+    /// report of an earlier session, or any failure, ends it: whatever is still
+    /// in flight then is sent again, as before.
+    pub(super) async fn settle(&mut self, sink: &mut KafkaSink, within: Duration) {
+        let pending = self.tracker.pending_records();
+        if pending == 0 {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + within;
+        let mut acked = 0u64;
+        while self.tracker.pending_records() > 0 {
+            let Ok(Some(event)) = tokio::time::timeout_at(deadline, sink.next_event()).await else {
+                break;
+            };
+            if !matches!(event, SinkEvent::Delivered(_)) {
+                break;
+            }
+            match self.on_sink_event(event, SystemTime::now()) {
+                Ok(true) => acked += 1,
+                Ok(false) => {}
+                Err(_) => break,
+            }
+        }
+        self.after_acks(acked);
+        tracing::info!(
+            in_flight = pending,
+            acknowledged = acked,
+            flushed = %self.tracker.flushed(),
+            "session ended with records in flight: took the broker's acknowledgements so the next session skips them"
+        );
     }
 
     /// Say once how much the progress record spared (the first transaction

@@ -426,3 +426,83 @@ pub fn check(
     }
     v
 }
+
+/// Where the duplicates came from: each fault's window of commit positions (from
+/// the lowest position the slot held around the fault to the WAL written by its
+/// end) against the commit LSN of every extra delivery.
+#[derive(Debug, Default)]
+pub struct DuplicateSources {
+    /// Extra deliveries charged to each fault, in the order of `windows`.
+    pub per_fault: Vec<usize>,
+    /// Extra deliveries whose commit lies in no fault's window: re-sent while no
+    /// fault was going on (should stay 0).
+    pub outside: usize,
+}
+
+/// Charges every extra delivery of a row (deliveries beyond its first) to the
+/// faults whose window holds the row's commit, the latest fault first, one extra
+/// delivery each (a PostgreSQL crash can rewind the slot over earlier faults'
+/// windows, so a row may be re-sent by several); what no window holds is
+/// `outside`. `windows[i]` is `(low, high)`, both inclusive.
+pub fn duplicate_sources(deliveries: &[Delivery], windows: &[(u64, u64)]) -> DuplicateSources {
+    let mut count: HashMap<&str, (usize, u64)> = HashMap::new();
+    for d in deliveries {
+        if let (Some(uid), Some(lsn)) = (d.uid.as_deref(), d.commit_lsn) {
+            count.entry(uid).or_insert((0, lsn)).0 += 1;
+        }
+    }
+    let mut out = DuplicateSources {
+        per_fault: vec![0; windows.len()],
+        outside: 0,
+    };
+    for &(n, lsn) in count.values() {
+        let mut extra = n.saturating_sub(1);
+        for (i, &(lo, hi)) in windows.iter().enumerate().rev() {
+            if extra == 0 {
+                break;
+            }
+            if lo <= lsn && lsn <= hi {
+                out.per_fault[i] += 1;
+                extra -= 1;
+            }
+        }
+        out.outside += extra;
+    }
+    out
+}
+
+#[cfg(test)]
+mod duplicate_sources_tests {
+    use super::*;
+
+    fn d(uid: &str, lsn: u64) -> Delivery {
+        Delivery {
+            topic: "t".into(),
+            partition: 0,
+            offset: 0,
+            key: None,
+            uid: Some(uid.into()),
+            id: None,
+            commit_lsn: Some(lsn),
+            payload_len: 0,
+            pad_ok: true,
+        }
+    }
+
+    #[test]
+    fn extra_deliveries_go_to_the_latest_faults_holding_the_commit() {
+        let deliveries = [
+            d("a", 10),
+            d("a", 10),
+            d("a", 10), // twice extra: both windows hold 10
+            d("b", 25),
+            d("b", 25), // once extra: only the second window
+            d("c", 50),
+            d("c", 50), // no window
+            d("e", 12), // once: no duplicate
+        ];
+        let s = duplicate_sources(&deliveries, &[(5, 20), (0, 30)]);
+        assert_eq!(s.per_fault, vec![1, 2]);
+        assert_eq!(s.outside, 1);
+    }
+}

@@ -72,8 +72,29 @@ pub fn error_lines(logs: &str) -> BTreeMap<String, usize> {
     lines
 }
 
+/// The relay's "skipped transactions the broker acknowledged before" lines: how
+/// many, and the records they spared (the durable progress record at work).
+pub fn progress_skips(logs: &str) -> (usize, u64) {
+    let mut lines = 0;
+    let mut records = 0;
+    for line in logs
+        .lines()
+        .filter(|l| l.contains("skipped transactions the broker acknowledged"))
+    {
+        lines += 1;
+        records += line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("records="))
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    (lines, records)
+}
+
 /// What the relay's logs say about the run.
 pub struct RelayStats {
+    /// (starts that skipped, records skipped) thanks to the progress record.
+    pub progress_skips: (usize, u64),
     pub sessions_failed: usize,
     pub producer_rebuilds: usize,
     pub errors: usize,
@@ -98,6 +119,8 @@ pub struct Report<'a> {
     pub ledgers: &'a [Ledger],
     pub markers: usize,
     pub verdict: &'a Verdict,
+    /// Extra deliveries no fault's window explains.
+    pub duplicates_outside: usize,
     pub relay: &'a RelayStats,
     pub proxies: [(&'static str, u64, u64); 2],
 }
@@ -122,10 +145,10 @@ impl Report<'_> {
         .unwrap();
         writeln!(
             out,
-            "| fault | count | length (max) | resumed (max) | caught up (max) |"
+            "| fault | count | length (max) | resumed (max) | caught up (max) | duplicates (per fault) |"
         )
         .unwrap();
-        writeln!(out, "|---|---:|---:|---:|---:|").unwrap();
+        writeln!(out, "|---|---:|---:|---:|---:|---:|").unwrap();
         let mut by_kind: BTreeMap<FaultKind, Vec<&FaultRecord>> = BTreeMap::new();
         for r in self.records {
             by_kind.entry(r.kind).or_default().push(r);
@@ -133,14 +156,16 @@ impl Report<'_> {
         for (kind, rs) in &by_kind {
             let max =
                 |f: fn(&FaultRecord) -> Duration| rs.iter().map(|r| f(r)).max().unwrap_or_default();
+            let dups: usize = rs.iter().map(|r| r.duplicates).sum();
             writeln!(
                 out,
-                "| {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {dups} ({:.1}) |",
                 kind.label(),
                 rs.len(),
                 secs(max(|r| r.length)),
                 secs(max(|r| r.resumed)),
                 secs(max(|r| r.caught_up)),
+                dups as f64 / rs.len().max(1) as f64,
             )
             .unwrap();
         }
@@ -202,6 +227,17 @@ impl Report<'_> {
                 "{} ({:.2}% of rows)",
                 v.duplicates,
                 100.0 * v.duplicates as f64 / v.rows.max(1) as f64
+            ),
+        );
+        row(
+            "duplicates outside every fault's window",
+            self.duplicates_outside.to_string(),
+        );
+        row(
+            "restarts that skipped acknowledged transactions (progress record) / records skipped",
+            format!(
+                "{} / {}",
+                self.relay.progress_skips.0, self.relay.progress_skips.1
             ),
         );
         row(
@@ -288,22 +324,30 @@ impl Report<'_> {
         writeln!(
             out,
             "\nDuplicates come from replays: a relay killed or reconnected resumes from \
-             the slot's confirmed position; after `-m immediate` the slot itself goes back \
-             to the position saved at the last checkpoint."
+             the slot's confirmed position (after `-m immediate` the slot itself goes back \
+             to the position saved at the last checkpoint), minus what the durable progress \
+             record says the broker acknowledged; records in flight when the fault hit are \
+             sent again. Each extra delivery is charged to the latest faults whose window \
+             (lowest slot position around the fault → WAL at its end) holds its commit."
         )
         .unwrap();
         writeln!(out, "\n## Events\n").unwrap();
-        writeln!(out, "| at | fault | length | resumed | caught up | note |").unwrap();
-        writeln!(out, "|---:|---|---:|---:|---:|---|").unwrap();
+        writeln!(
+            out,
+            "| at | fault | length | resumed | caught up | duplicates | note |"
+        )
+        .unwrap();
+        writeln!(out, "|---:|---|---:|---:|---:|---:|---|").unwrap();
         for r in self.records {
             writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} |",
                 secs(r.at),
                 r.kind.label(),
                 secs(r.length),
                 secs(r.resumed),
                 secs(r.caught_up),
+                r.duplicates,
                 r.note
             )
             .unwrap();

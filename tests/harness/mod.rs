@@ -1346,9 +1346,20 @@ pub struct RelayProcess {
 }
 
 impl RelayProcess {
-    /// Path of the relay binary cargo built for these tests.
+    /// Path of the relay binary cargo built for these tests, or the one named by
+    /// `TEST_RELAY_BIN` (to measure an older build with today's tests, e.g. the
+    /// chaos suite's duplicates before and after a change). Not an
+    /// `OUTBOX_RELAY_*` variable: the relay inherits the environment and rejects
+    /// unknown ones of its prefix.
     pub fn binary() -> &'static str {
-        env!("CARGO_BIN_EXE_outbox-relay")
+        static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        BIN.get_or_init(|| match std::env::var("TEST_RELAY_BIN") {
+            Ok(path) if !path.is_empty() => {
+                eprintln!("[harness] relay binary from TEST_RELAY_BIN: {path}");
+                path
+            }
+            _ => env!("CARGO_BIN_EXE_outbox-relay").to_string(),
+        })
     }
 
     /// Spawns the relay with `args` and extra environment `envs` (on top of the test's
