@@ -66,7 +66,7 @@ const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a failed session, how long to keep taking the broker's
 /// acknowledgements of records still in flight (usually milliseconds), so the
 /// next session skips them instead of sending them again.
-const SETTLE_TIMEOUT: Duration = Duration::from_secs(2);
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A session that streamed this long resets the reconnect backoff.
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 /// How often the slot's lag and retained WAL are sampled over SQL.

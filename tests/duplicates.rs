@@ -110,6 +110,68 @@ async fn a_postgres_crash_resends_a_moment_not_minutes() {
     }
 }
 
+/// Records in flight when PostgreSQL crashes: the broker is stopped while 100
+/// rows are produced, PostgreSQL crashes, the broker comes back. The relay
+/// takes the late acknowledgements after its session died and the next
+/// session skips those rows instead of re-sending them (they were never
+/// confirmed to the slot, and the progress table could not be written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_crash_with_records_in_flight_resends_none_of_them() {
+    for version in pg_versions() {
+        let mut env = Env::new(version).await;
+        let client = env.client().await;
+        let relay = RelayProcess::spawn(&relay_args(&env), &[]);
+        let mut relay = relay;
+        env.wait_streaming(&mut relay).await;
+        let n = insert_rows(&client, 0, 20, 5).await;
+        assert_eq!(delivered(&env, &client, n).await, 0);
+
+        env.broker.pause();
+        let mut end = n;
+        for _ in 0..10 {
+            end = insert_rows(&client, end, 1, 1).await;
+            client
+                .batch_execute(&format!(
+                    "INSERT INTO outbox_events (aggregatetype, aggregateid, type, payload) \
+                     SELECT 'Order', 'order-' || (g % 5), 'OrderHappened', jsonb_build_object('seq', g) \
+                     FROM generate_series({end}, {}) g",
+                    end + 8
+                ))
+                .await
+                .expect("insert");
+            end += 9;
+        }
+        // The relay reads them within milliseconds and hands them to the
+        // producer, which cannot reach the stopped broker.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(client);
+        env.pg.restart(ShutdownMode::Immediate);
+        env.broker.resume();
+        let client = env.client().await;
+        wait_until(DEADLINE, "the relay streams again", || async {
+            sessions(&relay) >= 2
+        })
+        .await;
+        let end = insert_rows(&client, end, 1, 1).await;
+        let duplicates = delivered(&env, &client, end).await;
+        eprintln!(
+            "PostgreSQL {version} crash with {} records in flight: {duplicates} sent again",
+            end - n - 1
+        );
+        assert!(
+            relay.log().contains("took the broker's acknowledgements"),
+            "{}",
+            relay.log()
+        );
+        assert_eq!(
+            duplicates,
+            0,
+            "PostgreSQL {version}: records in flight at the crash were sent again\n{}",
+            relay.log()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_kill_resends_a_moment_not_a_second() {
     let env = Env::new(PgVersion::V17).await;
