@@ -16,7 +16,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, PurgeConfig, ThreadedProducer};
 use rdkafka::ClientContext;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -444,8 +444,16 @@ impl KafkaSink {
     /// the broker may still append them after the new producer's copies.
     /// Shutdown cuts the wait short: no new producer follows then. Returns
     /// whether the producer was empty when it was dropped.
+    ///
+    /// Records still in librdkafka's queues are purged first: they are not on
+    /// the wire, so they cannot land later, and the next session sends them
+    /// again from the slot anyway. Only requests on the wire are waited for.
+    /// That keeps the wait short, and keeps the old producer from sending its
+    /// queue under an epoch it bumped on its own after timeouts (tansu 0.6
+    /// panics on such a produce).
     pub async fn close_for_rebuild(self, shutdown: &CancellationToken) -> bool {
         let bound = self.record_lifetime;
+        self.producer.purge(PurgeConfig::default().queue());
         let pending = self.producer.in_flight_count();
         if pending > 0 {
             tracing::warn!(

@@ -307,9 +307,6 @@ async fn a_refusal_the_record_cannot_be_blamed_for_stops_after_repeats_naming_th
 async fn a_replaced_producer_finishes_its_records_before_it_is_dropped() {
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic(TOPIC, 1, 1).unwrap();
-    cluster
-        .broker_round_trip_time(1, Duration::from_millis(1500))
-        .unwrap();
     let settings = SinkSettings {
         brokers: cluster.bootstrap_servers(),
         properties: Default::default(),
@@ -337,6 +334,16 @@ async fn a_replaced_producer_finishes_its_records_before_it_is_dropped() {
         commit_time: 0,
         position: RecordPosition::default(),
     };
+    // A first record, acknowledged: the idempotent producer has its id, so
+    // the next record's request goes on the wire at once.
+    sink.send(&record, token).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), sink.next_event())
+        .await
+        .expect("the first record is acknowledged")
+        .expect("sink events");
+    cluster
+        .broker_round_trip_time(1, Duration::from_millis(1500))
+        .unwrap();
     // Let the request reach the (slow) broker, then replace the producer.
     sink.send(&record, token).unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -351,5 +358,56 @@ async fn a_replaced_producer_finishes_its_records_before_it_is_dropped() {
     );
     cluster.broker_round_trip_time(1, Duration::ZERO).unwrap();
     let got = consume(&cluster, TOPIC, Duration::from_secs(3)).await;
-    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got.len(), 2, "{got:?}");
+}
+
+/// A producer being replaced drops at once the records that never left its
+/// queues (the broker is down): they cannot land later, and the next session
+/// sends them again from the slot. Only requests on the wire are waited for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_producer_purges_records_that_never_left_its_queue() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic(TOPIC, 1, 1).unwrap();
+    let settings = SinkSettings {
+        brokers: cluster.bootstrap_servers(),
+        properties: [("message.timeout.ms".to_string(), "8000".to_string())].into(),
+        create_topics: false,
+        topic_partitions: 1,
+        topic_replication_factor: 1,
+        max_in_flight_records: 1000,
+    };
+    let sink = KafkaSink::new(&settings).unwrap();
+    sink.prepare_topic(TOPIC).await.unwrap();
+    cluster.broker_down(1).unwrap();
+    let mut tracker = outbox_relay::ack::AckTracker::new(Default::default());
+    let txn = tracker.begin(0).unwrap();
+    let record = outbox_relay::outbox::OutboxRecord {
+        topic: Arc::from(TOPIC),
+        key: Some("k".into()),
+        payload: Some("{}".into()),
+        headers: Vec::new(),
+        id: None,
+    };
+    for _ in 0..10 {
+        let token = DeliveryToken {
+            generation: 1,
+            txn,
+            bytes: 2,
+            commit_time: 0,
+            position: RecordPosition::default(),
+        };
+        sink.send(&record, token).unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let began = std::time::Instant::now();
+    let drained = sink.close_for_rebuild(&CancellationToken::new()).await;
+    let took = began.elapsed();
+    assert!(drained, "the producer was dropped holding records");
+    assert!(
+        took < Duration::from_secs(4),
+        "close waited {took:?} for records that were never sent (message.timeout.ms is 8 s)"
+    );
+    cluster.broker_up(1).unwrap();
+    let got = consume(&cluster, TOPIC, Duration::from_secs(3)).await;
+    assert!(got.is_empty(), "purged records reached the broker: {got:?}");
 }
