@@ -106,6 +106,7 @@ struct Inner {
     delivery_errors: Family<ClassLabel, Counter>,
     in_flight_records: Gauge,
     in_flight_bytes: Gauge,
+    in_flight_cap: Gauge,
     reconnects: Counter,
     producer_rebuilds: Counter,
     status_updates: Counter,
@@ -285,6 +286,11 @@ impl Metrics {
             "Bytes of records handed to the producer and not yet acknowledged",
             gauge(),
         );
+        let in_flight_cap = r.add(
+            IN_FLIGHT_CAP_RECORDS,
+            "Records allowed in flight since Kafka let records time out (0: no cap)",
+            gauge(),
+        );
         let reconnects = r.add(
             RECONNECTS_TOTAL,
             "Replication sessions resumed from the slot after an error",
@@ -356,6 +362,7 @@ impl Metrics {
                 delivery_errors,
                 in_flight_records,
                 in_flight_bytes,
+                in_flight_cap,
                 reconnects,
                 producer_rebuilds,
                 status_updates,
@@ -492,6 +499,13 @@ impl Metrics {
 
     /// The in-flight window: records handed to the producer and not yet
     /// acknowledged, and their bytes.
+    /// The in-flight cap after Kafka time-outs; `None`: lifted.
+    pub fn in_flight_cap(&self, cap: Option<usize>) {
+        self.inner
+            .in_flight_cap
+            .set(saturating_i64(cap.unwrap_or(0) as u64));
+    }
+
     pub fn in_flight(&self, records: usize, bytes: usize) {
         self.inner
             .in_flight_records

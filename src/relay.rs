@@ -45,6 +45,7 @@ mod holder;
 mod identity;
 mod lag;
 mod letgo;
+mod pace;
 mod poison;
 mod progress;
 mod session;

@@ -91,6 +91,10 @@ pub const DEAD_LETTERED_RECORDS_TOTAL: &str = "outbox_relay_dead_lettered_record
 pub const IN_FLIGHT_RECORDS: &str = "outbox_relay_in_flight_records";
 /// Gauge. Bytes of the in-flight records.
 pub const IN_FLIGHT_BYTES: &str = "outbox_relay_in_flight_bytes";
+/// Gauge. Records allowed in flight since Kafka let records time out
+/// (halved per time-out, given back as acknowledgements keep up); 0: no cap,
+/// the window alone. Non-zero for long: the broker is too slow for the load.
+pub const IN_FLIGHT_CAP_RECORDS: &str = "outbox_relay_in_flight_cap_records";
 /// Counter. Replication sessions resumed from the slot after an error.
 /// Alert: a sustained rate (a reconnect loop).
 pub const RECONNECTS_TOTAL: &str = "outbox_relay_reconnects_total";
@@ -139,6 +143,7 @@ pub const ALL: &[&str] = &[
     DEAD_LETTERED_RECORDS_TOTAL,
     IN_FLIGHT_RECORDS,
     IN_FLIGHT_BYTES,
+    IN_FLIGHT_CAP_RECORDS,
     RECONNECTS_TOTAL,
     PRODUCER_REBUILDS_TOTAL,
     STATUS_UPDATES_TOTAL,

@@ -157,6 +157,8 @@ pub(super) struct DeliveryMemory {
     /// This session's position counter: the open transaction's commit LSN
     /// and how many records were produced from it so far.
     next: (Lsn, u32),
+    /// Records allowed in flight after time-outs (see [`super::pace`]).
+    pub(super) pace: super::pace::Pace,
 }
 
 impl DeliveryMemory {
@@ -250,6 +252,16 @@ impl Session<'_> {
             other => other,
         };
         if blame == Blame::Transient {
+            if code == RDKafkaErrorCode::MessageTimedOut {
+                let in_flight = self.window.records;
+                let cap = self.delivery.pace.timed_out(in_flight);
+                tracing::warn!(
+                    in_flight,
+                    cap,
+                    "kafka did not acknowledge records within message.timeout.ms: at most {cap} records in flight until acknowledgements keep up"
+                );
+                self.metrics.in_flight_cap(Some(cap));
+            }
             return Err(retry);
         }
         let position = token.position;

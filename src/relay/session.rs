@@ -209,6 +209,7 @@ impl Session<'_> {
         self.window.records < self.cfg.relay.max_in_flight_records
             && self.window.bytes < self.cfg.relay.max_in_flight_bytes
             && self.tracker.queued() < self.cfg.relay.max_in_flight_records
+            && self.delivery.pace.has_room(self.window.records)
             && self.may_send_more()
     }
 
@@ -275,6 +276,14 @@ impl Session<'_> {
                 self.window.records -= 1;
                 self.window.bytes -= token.bytes;
                 self.tracker.ack(token.txn)?;
+                if self
+                    .delivery
+                    .pace
+                    .acked(self.cfg.relay.max_in_flight_records)
+                {
+                    tracing::info!("acknowledgements keep up again: the in-flight cap is lifted");
+                    self.metrics.in_flight_cap(None);
+                }
                 self.metrics
                     .ack_latency(latency_since_commit(token.commit_time, now));
                 Ok(true)
