@@ -497,8 +497,6 @@ impl Metrics {
         );
     }
 
-    /// The in-flight window: records handed to the producer and not yet
-    /// acknowledged, and their bytes.
     /// The in-flight cap after Kafka time-outs; `None`: lifted.
     pub fn in_flight_cap(&self, cap: Option<usize>) {
         self.inner
@@ -506,6 +504,8 @@ impl Metrics {
             .set(saturating_i64(cap.unwrap_or(0) as u64));
     }
 
+    /// The in-flight window: records handed to the producer and not yet
+    /// acknowledged, and their bytes.
     pub fn in_flight(&self, records: usize, bytes: usize) {
         self.inner
             .in_flight_records
