@@ -45,6 +45,7 @@ mod holder;
 mod identity;
 mod lag;
 mod letgo;
+mod message;
 mod poison;
 mod progress;
 mod session;
@@ -313,7 +314,14 @@ impl Default for StreamOptions {
 /// back transaction's rows would reach Kafka). Without it the server spills
 /// big transactions to disk and sends them after commit, which the bounded
 /// window streams through.
-pub fn pgoutput_options(server_version_num: u32, publication: &str) -> Vec<(String, String)> {
+///
+/// With `messages`, pgoutput also sends logical decoding messages
+/// (`pg_logical_emit_message`); transactional ones inside their transaction.
+pub fn pgoutput_options(
+    server_version_num: u32,
+    publication: &str,
+    messages: bool,
+) -> Vec<(String, String)> {
     let mut opts = vec![
         ("proto_version".to_string(), "1".to_string()),
         (
@@ -321,6 +329,9 @@ pub fn pgoutput_options(server_version_num: u32, publication: &str) -> Vec<(Stri
             format!("\"{}\"", publication.replace('"', "\"\"")),
         ),
     ];
+    if messages {
+        opts.push(("messages".to_string(), "true".to_string()));
+    }
     if server_version_num >= 160000 {
         // Relay rows whatever their replication origin (the default, said out loud).
         opts.push(("origin".to_string(), "any".to_string()));
@@ -538,7 +549,11 @@ impl Relay {
                 });
             }
         };
-        let options = pgoutput_options(version, &pg.publication);
+        let options = pgoutput_options(
+            version,
+            &pg.publication,
+            cfg.mapping.message_prefix.is_some(),
+        );
         let start = match self.opts.start_lsn {
             // The operator's check is for the position they gave at start;
             // later sessions resume from the slot (still never below `start`).

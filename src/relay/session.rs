@@ -15,10 +15,11 @@ use crate::kafka::{DeliveryToken, KafkaSink, KafkaSinkError, SinkEvent};
 use crate::lsn::Lsn;
 use crate::metrics::{latency_since_commit, Metrics};
 use crate::outbox::{Mapped, OutboxMapper, OutboxRecord, TxnInfo};
-use crate::pgoutput::{Decoder, Insert, Message};
+use crate::pgoutput::{Decoder, Message};
 use crate::replication::{ReplicationMessage, ReplicationStream};
 
 use super::letgo::ShutdownDetector;
+use super::poison::Source;
 use super::{
     RelayError, StreamOptions, Window, BURST, HEADER_REPLAY, PROMPT_INTERVAL, QUEUE_FULL_RETRY,
 };
@@ -433,14 +434,21 @@ impl Session<'_> {
                         let txn = self.txn.ok_or(AckError::NoOpenTransaction("Insert"))?;
                         match self.mapper.map_insert(&ins, &txn) {
                             Ok(Mapped::Record(record)) => {
-                                self.forward(record, &ins, &txn, sink).await?
+                                self.forward(record, Source::Row(&ins), &txn, sink).await?
                             }
                             Ok(Mapped::OtherTable { table }) => self.warn_once(table, "insert"),
                             Err(e) => match e.poison_class() {
                                 Some(class) => {
                                     let topic = e.original_topic().map(str::to_string);
-                                    self.poison(class, e.to_string(), topic, &ins, &txn, sink)
-                                        .await?
+                                    self.poison(
+                                        class,
+                                        e.to_string(),
+                                        topic,
+                                        Source::Row(&ins),
+                                        &txn,
+                                        sink,
+                                    )
+                                    .await?
                                 }
                                 None => return Err(e.into()),
                             },
@@ -449,7 +457,8 @@ impl Session<'_> {
                     Message::Update(_) => self.warn_once("(update)".into(), "update"),
                     Message::Delete(_) => self.warn_once("(delete)".into(), "delete"),
                     Message::Truncate(_) => self.warn_once("(truncate)".into(), "truncate"),
-                    Message::Origin(_) | Message::Type(_) | Message::Message(_) => {}
+                    Message::Message(m) => self.on_logical_message(m, sink).await?,
+                    Message::Origin(_) | Message::Type(_) => {}
                     Message::StreamStart(_)
                     | Message::StreamStop
                     | Message::StreamCommit(_)
@@ -466,10 +475,10 @@ impl Session<'_> {
     }
 
     /// Send one mapped record (live or replay) to its topic.
-    async fn forward(
+    pub(super) async fn forward(
         &mut self,
         mut record: OutboxRecord,
-        ins: &Insert,
+        source: Source<'_>,
         txn: &TxnInfo,
         sink: &mut KafkaSink,
     ) -> Result<(), RelayError> {
@@ -483,7 +492,7 @@ impl Session<'_> {
         }
         if let Some(r) = self.rejected_here(txn) {
             return self
-                .poison(r.class, r.reason, Some(r.topic), ins, txn, sink)
+                .poison(r.class, r.reason, Some(r.topic), source, txn, sink)
                 .await;
         }
         let size = record.size();
@@ -495,7 +504,7 @@ impl Session<'_> {
                 let reason = format!(
                     "the record is {size} bytes, above the producer's message.max.bytes; raise it on the broker (max.message.bytes) and the relay (--kafka-property message.max.bytes=N), or make the row smaller"
                 );
-                self.poison("too_large", reason, Some(topic), ins, txn, sink)
+                self.poison("too_large", reason, Some(topic), source, txn, sink)
                     .await
             }
             other => other,
@@ -561,7 +570,7 @@ impl Session<'_> {
         }
     }
 
-    fn warn_once(&mut self, what: String, kind: &str) {
+    pub(super) fn warn_once(&mut self, what: String, kind: &str) {
         if self.warned_tables.insert(what.clone()) {
             tracing::warn!(
                 what = %what,
