@@ -39,6 +39,7 @@ use crate::pgoutput::{DecodeError, Decoder};
 use crate::replication::{ReplicationClient, ReplicationError};
 use crate::setup::{self, Problem};
 
+mod cleanup;
 mod delivery;
 mod facts;
 mod holder;
@@ -650,6 +651,14 @@ impl Relay {
             last_status: Instant::now(),
             burst_produced: None,
             delivery: self.delivery.for_session(confirmed),
+            cleanup: (cfg.relay.delete_delivered && self.opts.confirm && self.opts.end_lsn.is_none())
+                .then(|| {
+                    cleanup::Cleanup::new(Some(cleanup::spawn(
+                        pg.clone(),
+                        pg.table.clone(),
+                        cfg.mapping.id_column.clone(),
+                    )))
+                }),
         };
         let result = session.run(&mut stream, sink, &self.shutdown).await;
         session.report_skipped();

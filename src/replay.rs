@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::kafka::{DeliveryToken, KafkaSink, KafkaSinkError, SinkEvent, SinkSettings};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
+use crate::outbox::message::{classify, MessageError, MessageKind};
 use crate::outbox::{Mapped, MappingError, OutboxMapper, TxnInfo};
 use crate::pgoutput::{Column, Decoder, Message, Relation, RelationColumn, TupleData};
 use crate::relay::{Relay, RelayError, StreamOptions, HEADER_REPLAY};

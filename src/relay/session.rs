@@ -75,6 +75,8 @@ pub(super) struct Session<'a> {
     pub(super) prompt_at: Option<tokio::time::Instant>,
     /// Delivery failures remembered across sessions (see `delivery.rs`).
     pub(super) delivery: &'a mut super::delivery::DeliveryMemory,
+    /// `--delete-delivered` (live relay only, see `cleanup.rs`).
+    pub(super) cleanup: Option<super::cleanup::Cleanup>,
 }
 
 impl Session<'_> {
@@ -343,6 +345,9 @@ impl Session<'_> {
             .await?;
         self.last_status = Instant::now();
         self.last_sent_flush = flushed;
+        if let Some(cleanup) = &mut self.cleanup {
+            cleanup.confirmed(flushed);
+        }
         self.metrics.status_update_sent();
         self.metrics.confirmed_lsn(flushed);
         if let Some(t) = self.tracker.flushed_commit_time() {
@@ -412,6 +417,9 @@ impl Session<'_> {
                     }
                     Message::Commit(c) => {
                         self.tracker.commit(c.end_lsn)?;
+                        if let Some(cleanup) = &mut self.cleanup {
+                            cleanup.commit(c.end_lsn);
+                        }
                         self.txn = None;
                         self.metrics.sent_lsn(c.end_lsn);
                     }
@@ -497,7 +505,18 @@ impl Session<'_> {
         }
         let size = record.size();
         let topic = record.topic.to_string();
+        // A row relayed to its own topic may be deleted once confirmed.
+        let delete_id = match source {
+            Source::Row(_) if self.cleanup.is_some() => record.id.clone(),
+            _ => None,
+        };
         match self.produce(record, txn, sink).await {
+            Ok(()) => {
+                if let (Some(cleanup), Some(id)) = (&mut self.cleanup, delete_id) {
+                    cleanup.note(id);
+                }
+                Ok(())
+            }
             Err(RelayError::Kafka(KafkaSinkError::Produce(KafkaError::MessageProduction(
                 RDKafkaErrorCode::MessageSizeTooLarge,
             )))) => {
