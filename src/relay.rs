@@ -651,14 +651,16 @@ impl Relay {
             last_status: Instant::now(),
             burst_produced: None,
             delivery: self.delivery.for_session(confirmed),
-            cleanup: (cfg.relay.delete_delivered && self.opts.confirm && self.opts.end_lsn.is_none())
-                .then(|| {
-                    cleanup::Cleanup::new(Some(cleanup::spawn(
-                        pg.clone(),
-                        pg.table.clone(),
-                        cfg.mapping.id_column.clone(),
-                    )))
-                }),
+            cleanup: (cfg.relay.delete_delivered
+                && self.opts.confirm
+                && self.opts.end_lsn.is_none())
+            .then(|| {
+                cleanup::Cleanup::new(Some(cleanup::spawn(
+                    pg.clone(),
+                    pg.table.clone(),
+                    cfg.mapping.id_column.clone(),
+                )))
+            }),
         };
         let result = session.run(&mut stream, sink, &self.shutdown).await;
         session.report_skipped();

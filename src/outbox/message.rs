@@ -158,9 +158,8 @@ pub fn derived_id(commit_lsn: Lsn, lsn: Lsn) -> String {
     b[8..].copy_from_slice(&lsn.0.to_be_bytes());
     b[6] = (b[6] & 0x0f) | 0x80; // version 8
     b[8] = (b[8] & 0x3f) | 0x80; // variant 10
-    let h = |r: std::ops::Range<usize>| -> String {
-        b[r].iter().map(|x| format!("{x:02x}")).collect()
-    };
+    let h =
+        |r: std::ops::Range<usize>| -> String { b[r].iter().map(|x| format!("{x:02x}")).collect() };
     format!(
         "{}-{}-{}-{}-{}",
         h(0..4),
@@ -222,7 +221,10 @@ impl OutboxMapper {
             Column::Text(text)
         };
         let tuple = TupleData {
-            columns: message_columns(cfg).iter().map(|(c, _)| value_of(c)).collect(),
+            columns: message_columns(cfg)
+                .iter()
+                .map(|(c, _)| value_of(c))
+                .collect(),
         };
         let insert = Insert {
             xid: None,

@@ -194,7 +194,11 @@ async fn deleter(
         loop {
             match delete(&pg, &table, &id_column, &mut client, &mut sql, &ids).await {
                 Ok(n) => {
-                    tracing::debug!(ids = ids.len(), deleted = n, "deleted delivered outbox rows");
+                    tracing::debug!(
+                        ids = ids.len(),
+                        deleted = n,
+                        "deleted delivered outbox rows"
+                    );
                     if failing {
                         tracing::info!("--delete-delivered deletes again");
                     }

@@ -41,12 +41,22 @@ impl Session<'_> {
         }
         let txn = self.txn.ok_or(AckError::NoOpenTransaction("Message"))?;
         match self.mapper.map_message(&msg, &txn) {
-            Ok(record) => self.forward(record, Source::Message(&msg), &txn, sink).await,
+            Ok(record) => {
+                self.forward(record, Source::Message(&msg), &txn, sink)
+                    .await
+            }
             Err(e) => match e.poison_class() {
                 Some(class) => {
                     let topic = e.original_topic().map(str::to_string);
-                    self.poison(class, e.to_string(), topic, Source::Message(&msg), &txn, sink)
-                        .await
+                    self.poison(
+                        class,
+                        e.to_string(),
+                        topic,
+                        Source::Message(&msg),
+                        &txn,
+                        sink,
+                    )
+                    .await
                 }
                 None => Err(RelayError::Mapping(match e {
                     crate::outbox::message::MessageError::Mapping(m) => m,

@@ -45,7 +45,10 @@ fn an_event_maps_like_a_row_with_the_payload_as_written() {
     assert_eq!(&*r.topic, "outbox.event.Order");
     assert_eq!(r.key.as_deref(), Some(&b"42"[..]));
     // Not re-serialised: spacing, member order and 1.50 stay as written.
-    assert_eq!(r.payload.as_deref(), Some(&br#"{"b": 1.50, "a" : [1,2]}"#[..]));
+    assert_eq!(
+        r.payload.as_deref(),
+        Some(&br#"{"b": 1.50, "a" : [1,2]}"#[..])
+    );
     assert_eq!(header(&r, "id"), Some(&b"e-1"[..]));
     assert_eq!(header(&r, "type"), Some(&b"OrderCreated"[..]));
     assert_eq!(header(&r, "tenant"), Some(&b"t1"[..]));
@@ -66,9 +69,8 @@ fn an_event_maps_like_a_row_with_the_payload_as_written() {
 fn payload_may_be_any_json_value() {
     let mut m = mapper(MappingConfig::default());
     for payload in ["null", "\"text\"", "12.0e3", "[]", "true"] {
-        let content = format!(
-            r#"{{"aggregatetype":"A","aggregateid":"1","type":"T","payload":{payload}}}"#
-        );
+        let content =
+            format!(r#"{{"aggregatetype":"A","aggregateid":"1","type":"T","payload":{payload}}}"#);
         let r = m.map_message(&msg(&content), &txn()).unwrap();
         assert_eq!(r.payload.as_deref(), Some(payload.as_bytes()), "{payload}");
     }
@@ -100,7 +102,10 @@ fn derived_ids_are_rfc_9562_version_8_and_keep_the_message_lsn() {
     assert_eq!(id.len(), 36);
     assert_eq!(&id[14..15], "8", "version nibble: {id}");
     assert!("89ab".contains(&id[19..20]), "variant: {id}");
-    assert!(id.ends_with("4567-89abcdef") || id.ends_with("-456789abcdef"), "{id}");
+    assert!(
+        id.ends_with("4567-89abcdef") || id.ends_with("-456789abcdef"),
+        "{id}"
+    );
     assert_eq!(&id[19..], "8123-456789abcdef");
 }
 
@@ -116,7 +121,11 @@ fn the_row_mapping_applies_fixed_topic_and_type_column() {
     let content = r#"{"id":"7","aggregatetype":"A","aggregateid":"1","type":"T","payload":1}"#;
     let r = m.map_message(&msg(content), &txn()).unwrap();
     assert_eq!(&*r.topic, "events");
-    assert_eq!(header(&r, "type"), None, "no type column: no type header, as for rows");
+    assert_eq!(
+        header(&r, "type"),
+        None,
+        "no type column: no type header, as for rows"
+    );
     assert_eq!(header(&r, crate::outbox::HEADER_LSN), None);
 }
 
@@ -135,12 +144,30 @@ fn malformed_events_are_invalid_messages_naming_the_problem() {
         (b"not json", "expected"),
         (b"\xff\xfe", "UTF-8"),
         (br#"[1,2]"#, "invalid type"),
-        (br#"{"aggregateid":"1","type":"T","payload":1}"#, "aggregatetype"),
-        (br#"{"aggregatetype":"A","aggregateid":"1","type":"T"}"#, "payload"),
-        (br#"{"aggregatetype":"A","aggregateid":1,"type":"T","payload":1}"#, "invalid type"),
-        (br#"{"aggregatetype":"A","aggregateid":"1","type":"T","payload":1,"headers":{"h":2}}"#, "invalid type"),
-        (br#"{"aggregatetype":"A","aggregateid":"1","type":"T","payload":1,"paylod":2}"#, "paylod"),
-        (br#"{"aggregatetype":"A","aggregateid":"1","type":"T","payload":1} x"#, "trailing"),
+        (
+            br#"{"aggregateid":"1","type":"T","payload":1}"#,
+            "aggregatetype",
+        ),
+        (
+            br#"{"aggregatetype":"A","aggregateid":"1","type":"T"}"#,
+            "payload",
+        ),
+        (
+            br#"{"aggregatetype":"A","aggregateid":1,"type":"T","payload":1}"#,
+            "invalid type",
+        ),
+        (
+            br#"{"aggregatetype":"A","aggregateid":"1","type":"T","payload":1,"headers":{"h":2}}"#,
+            "invalid type",
+        ),
+        (
+            br#"{"aggregatetype":"A","aggregateid":"1","type":"T","payload":1,"paylod":2}"#,
+            "paylod",
+        ),
+        (
+            br#"{"aggregatetype":"A","aggregateid":"1","type":"T","payload":1} x"#,
+            "trailing",
+        ),
     ];
     for (content, needle) in cases {
         let mut m = mapper(MappingConfig::default());
@@ -150,7 +177,10 @@ fn malformed_events_are_invalid_messages_naming_the_problem() {
         assert_eq!(e.poison_class(), Some("invalid_message"), "{e}");
         let text = e.to_string();
         assert!(text.contains(needle), "{needle:?} not in {text}");
-        assert!(text.contains("0/16B3700") && text.contains("outbox_emit"), "{text}");
+        assert!(
+            text.contains("0/16B3700") && text.contains("outbox_emit"),
+            "{text}"
+        );
     }
 }
 
