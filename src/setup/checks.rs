@@ -830,6 +830,45 @@ mod tests {
     }
 
     #[test]
+    fn delete_delivered_names_the_delete_privilege() {
+        let mut c = cfg();
+        c.relay.delete_delivered = true;
+        let mut f = good();
+        let t = texts(&c, &f);
+        assert_eq!(t.len(), 1, "{t:#?}");
+        assert!(
+            t[0].starts_with("Error: role relay cannot DELETE from public.outbox_events")
+                && t[0].contains("GRANT DELETE ON public.outbox_events TO relay"),
+            "{t:?}"
+        );
+        // Granted: no problem, and DELETE is no excess privilege then.
+        rest(&mut f).table.as_mut().unwrap().writes = vec!["DELETE".into()];
+        assert_eq!(texts(&c, &f), Vec::<String>::new());
+        // Without the flag, DELETE is an excess again.
+        assert!(texts(&cfg(), &f)[0].contains("may DELETE"));
+    }
+
+    #[test]
+    fn a_partitioned_table_says_it_is_published_via_the_root() {
+        let mut f = good();
+        rest(&mut f).table.as_mut().unwrap().relkind = "p".into();
+        rest(&mut f).publication.as_mut().unwrap().via_root = true;
+        let t = texts(&cfg(), &f);
+        assert_eq!(t.len(), 1, "{t:#?}");
+        assert!(
+            t[0].starts_with("Info: public.outbox_events is partitioned"),
+            "{t:?}"
+        );
+        assert!(t[0].contains("publishes via the partition root"), "{t:?}");
+        rest(&mut f).publication.as_mut().unwrap().via_root = false;
+        let t = texts(&cfg(), &f);
+        assert!(
+            t[0].starts_with("Error:") && t[0].contains("publish_via_partition_root"),
+            "{t:?}"
+        );
+    }
+
+    #[test]
     fn severity_of_notes() {
         let mut f = good();
         rest(&mut f).slot.as_mut().unwrap().active_pid = Some(42);
