@@ -662,3 +662,42 @@ fn seq_of(c: &Consumed) -> i64 {
     let v: serde_json::Value = serde_json::from_slice(c.payload.as_deref().unwrap()).unwrap();
     v["seq"].as_i64().unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_emit_refuses_what_would_be_poison_and_needs_no_privilege() {
+    for version in pg_versions() {
+        let env = Env::new(version).await;
+        let client = setup(&env).await;
+        for (call, needle) in [
+            ("outbox_emit(NULL, '1', 'T', '{}')", "must not be NULL"),
+            (
+                "outbox_emit('A', '1', 'T', '{}', '[1]')",
+                "headers must be a JSON object",
+            ),
+            (
+                "outbox_emit('A', '1', 'T', '{}', '{\"h\": 1}')",
+                "header h must be a JSON string",
+            ),
+        ] {
+            let e = client
+                .batch_execute(&format!("SELECT {call}"))
+                .await
+                .expect_err(call);
+            let text = format!("{:?}", e.as_db_error());
+            assert!(text.contains(needle), "{call}: {text}");
+        }
+        // An application role without any special privilege may emit.
+        client.batch_execute("CREATE ROLE app LOGIN").await.unwrap();
+        let url = format!("postgres://app@127.0.0.1:{}/postgres", env.pg.port());
+        let (app, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let lsn: String = app
+            .query_one("SELECT outbox_emit('A', '1', 'T', 'null', NULL)::text", &[])
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL {version}: {:?}", e.as_db_error()))
+            .get(0);
+        assert!(lsn_to_u64(&lsn) > 0);
+    }
+}
