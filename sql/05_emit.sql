@@ -43,9 +43,12 @@ BEGIN
     IF jsonb_typeof(headers) <> 'object' THEN
         RAISE EXCEPTION 'outbox_emit: headers must be a JSON object, not %', jsonb_typeof(headers);
     END IF;
-    SELECT h.key INTO bad FROM jsonb_each(headers) AS h WHERE jsonb_typeof(h.value) <> 'string' LIMIT 1;
-    IF bad IS NOT NULL THEN
-        RAISE EXCEPTION 'outbox_emit: header % must be a JSON string', bad;
+    IF headers <> '{}' THEN
+        SELECT h.key INTO bad FROM jsonb_each(headers) AS h
+         WHERE jsonb_typeof(h.value) <> 'string' LIMIT 1;
+        IF bad IS NOT NULL THEN
+            RAISE EXCEPTION 'outbox_emit: header % must be a JSON string', bad;
+        END IF;
     END IF;
     event := jsonb_build_object(
         'aggregatetype', aggregatetype,

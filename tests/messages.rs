@@ -701,3 +701,91 @@ async fn outbox_emit_refuses_what_would_be_poison_and_needs_no_privilege() {
         assert!(lsn_to_u64(&lsn) > 0);
     }
 }
+
+/// The relay binary with `args` and the env's connection flags.
+fn command(env: &Env, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(RelayProcess::binary())
+        .args(args)
+        .args([
+            "--postgres-url",
+            &env.pg.url(),
+            "--slot",
+            &env.slot,
+            "--publication",
+            &env.publication,
+            "--kafka-brokers",
+            &env.broker.bootstrap(),
+        ])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bookmark_replay_resends_messages_with_the_same_ids() {
+    let env = Env::new(PgVersion::V17).await;
+    let mut client = setup(&env).await;
+    let mut relay = env.relay();
+    env.wait_streaming(&mut relay).await;
+    let a = mixed_load(&mut client, 0, 3).await;
+    let after_a = lsn_to_u64(&current_wal_lsn(&client).await);
+    wait_until(DEADLINE, "slot confirms batch A", || async {
+        env.confirmed(&client).await >= after_a
+    })
+    .await;
+    let (ok, out) = command(&env, &["bookmark", "create", "bm"]);
+    assert!(ok, "{out}");
+    let b = mixed_load(&mut client, 1000, 6).await;
+    let all: Vec<Event> = a.iter().chain(&b).cloned().collect();
+    let consumed = consume(&env, &all).await;
+    check(&all, &consumed);
+    // The ids and payloads batch B was first delivered with.
+    let first: HashMap<String, Option<Vec<u8>>> = consumed
+        .iter()
+        .filter(|c| seq_of_event(c) >= 1000)
+        .map(|c| (c.header_str("id").unwrap().to_string(), c.payload.clone()))
+        .collect();
+    assert_eq!(first.len(), b.len());
+
+    let (ok, out) = command(
+        &env,
+        &[
+            "replay",
+            "--from-bookmark",
+            "bm",
+            "--topic-override",
+            "replayed",
+        ],
+    );
+    assert!(ok, "replay: {out}");
+    env.broker.consume("replayed", b.len(), DEADLINE).await;
+    let replayed = env
+        .broker
+        .consume_for("replayed", Duration::from_secs(2))
+        .await;
+    assert_eq!(replayed.len(), b.len(), "exactly batch B, once");
+    for c in &replayed {
+        let id = c.header_str("id").unwrap();
+        assert_eq!(
+            first.get(id),
+            Some(&c.payload),
+            "replayed {id} with the id and payload of its first delivery"
+        );
+        assert_eq!(c.header_str("replay"), Some("bookmark:bm"));
+    }
+    let messages = b.iter().filter(|e| e.msg_lsn.is_some()).count();
+    assert!(messages > 0 && b.iter().any(|e| e.id.is_none()));
+}
+
+/// The seq of a record of [`mixed_load`]: in the payload, or in the id of the
+/// non-object payloads (`emit-<seq>`).
+fn seq_of_event(c: &Consumed) -> u64 {
+    if let Some(seq) = c.header_str("id").and_then(|id| id.strip_prefix("emit-")) {
+        return seq.parse().unwrap();
+    }
+    let v: serde_json::Value = serde_json::from_slice(c.payload.as_deref().unwrap()).unwrap();
+    v["seq"].as_u64().unwrap()
+}
