@@ -68,8 +68,9 @@ impl Cleanup {
         }
     }
 
-    /// A row of the open transaction was handed to the producer.
-    pub(super) fn note(&mut self, id: Bytes) {
+    /// A row of the open transaction was handed to the producer. The id is
+    /// copied: a slice would pin its whole replication frame in memory.
+    pub(super) fn note(&mut self, id: &[u8]) {
         if self.held >= MAX_PENDING_IDS {
             if self.left == 0 {
                 tracing::warn!(
@@ -80,7 +81,7 @@ impl Cleanup {
             self.left += 1;
             return;
         }
-        self.open.push(id);
+        self.open.push(Bytes::copy_from_slice(id));
         self.held += 1;
     }
 
@@ -270,12 +271,12 @@ mod tests {
     #[test]
     fn rows_become_ready_only_once_their_transaction_is_confirmed() {
         let mut c = Cleanup::new(None);
-        c.note(id(1));
-        c.note(id(2));
+        c.note(&id(1));
+        c.note(&id(2));
         c.commit(Lsn(100));
-        c.note(id(3));
+        c.note(&id(3));
         c.commit(Lsn(200));
-        c.note(id(4)); // open transaction
+        c.note(&id(4)); // open transaction
         c.confirmed(Lsn(99));
         assert!(c.ready_ids().is_empty());
         c.confirmed(Lsn(100));
@@ -289,10 +290,19 @@ mod tests {
     }
 
     #[test]
+    fn ids_are_copied_out_of_their_frame() {
+        let frame = Bytes::from(vec![b'7'; 64 << 10]);
+        let mut c = Cleanup::new(None);
+        c.note(&frame[..4]);
+        assert_ne!(c.open[0].as_ptr(), frame.as_ptr(), "a slice pins the frame");
+        assert_eq!(&c.open[0][..], b"7777");
+    }
+
+    #[test]
     fn the_cap_bounds_what_is_held_and_leaves_rows_in_the_table() {
         let mut c = Cleanup::new(None);
         for n in 0..(MAX_PENDING_IDS as u64 + 10) {
-            c.note(id(n));
+            c.note(&id(n));
         }
         assert_eq!(c.held(), MAX_PENDING_IDS);
         assert_eq!(c.left, 10);
@@ -306,7 +316,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(1);
         let mut c = Cleanup::new(Some(tx));
         for n in 0..(BATCH as u64 * 3) {
-            c.note(id(n));
+            c.note(&id(n));
         }
         c.commit(Lsn(5));
         c.confirmed(Lsn(5));

@@ -513,7 +513,7 @@ impl Session<'_> {
         match self.produce(record, txn, sink).await {
             Ok(()) => {
                 if let (Some(cleanup), Some(id)) = (&mut self.cleanup, delete_id) {
-                    cleanup.note(id);
+                    cleanup.note(&id);
                 }
                 Ok(())
             }
