@@ -56,7 +56,7 @@ echo "==> starting a throwaway PostgreSQL ($("$BINDIR/postgres" --version)) on p
   "-c port=$PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$WORK -c wal_level=logical" start >/dev/null
 
 URL="postgres://postgres@127.0.0.1:$PORT/postgres"
-"$BINDIR/psql" -q -X -v ON_ERROR_STOP=1 "$URL" -f sql/01_outbox_table.sql -f sql/02_publication.sql
+"$BINDIR/psql" -q -X -v ON_ERROR_STOP=1 "$URL" -f sql/01_outbox_table.sql -f sql/02_publication.sql -f sql/05_emit.sql
 
 echo "==> running the relay demo (Ctrl-C to stop)"
 "$RELAY" demo --postgres-url "$URL" "$@"

@@ -526,6 +526,17 @@ pub struct MappingArgs {
         value_enum
     )]
     pub payload_format: Option<config::PayloadFormat>,
+
+    /// Prefix of the transactional logical decoding messages
+    /// (pg_logical_emit_message) that carry events [default: outbox]
+    #[arg(long, value_name = "PREFIX", env = "OUTBOX_RELAY_MESSAGE_PREFIX")]
+    pub message_prefix: Option<String>,
+
+    /// Relay no logical decoding messages, only outbox table rows
+    #[arg(long, value_name = "BOOL", env = "OUTBOX_RELAY_NO_MESSAGES",
+          num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          value_parser = BoolishValueParser::new())]
+    pub no_messages: Option<bool>,
 }
 
 #[derive(Debug, Default, Args)]
@@ -589,6 +600,13 @@ pub struct RelayArgs {
     /// See --terminate-stale-holder [default: 30s]
     #[arg(long, value_name = "DURATION", env = "OUTBOX_RELAY_STALE_HOLDER_TIMEOUT", value_parser = parse_duration)]
     pub stale_holder_timeout: Option<Duration>,
+
+    /// Delete outbox rows once the slot's confirmed position passed their
+    /// transaction, by primary key in batches (needs DELETE on the table) [default: off]
+    #[arg(long, value_name = "BOOL", env = "OUTBOX_RELAY_DELETE_DELIVERED",
+          num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          value_parser = BoolishValueParser::new())]
+    pub delete_delivered: Option<bool>,
 }
 
 #[derive(Debug, Default, Args)]
@@ -671,6 +689,8 @@ impl ConfigArgs {
                 header_columns: (!m.header_columns.is_empty()).then(|| m.header_columns.clone()),
                 provenance_headers: m.no_provenance_headers.map(|no| !no),
                 payload_format: m.payload_format,
+                messages: m.no_messages.map(|no| !no),
+                message_prefix: m.message_prefix.clone(),
             },
             relay: RelayLayer {
                 max_in_flight_records: r.max_in_flight_records,
@@ -693,6 +713,7 @@ impl ConfigArgs {
                 slot_busy_retry: r.slot_busy_retry,
                 terminate_stale_holder: r.terminate_stale_holder,
                 stale_holder_timeout: r.stale_holder_timeout,
+                delete_delivered: r.delete_delivered,
             },
             log: LogLayer {
                 format: l.log_format,

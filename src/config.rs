@@ -131,7 +131,11 @@ pub const POISON_CLASSES: &[&str] = &[
     "missing_column",
     "bad_value",
     "rejected_by_broker",
+    "invalid_message",
 ];
+
+/// Prefix of the logical decoding messages that carry events.
+pub const DEFAULT_MESSAGE_PREFIX: &str = "outbox";
 
 /// What the payload column must hold.
 ///
@@ -215,6 +219,9 @@ pub struct MappingConfig {
     pub provenance_headers: bool,
     /// See [`PayloadFormat`].
     pub payload_format: PayloadFormat,
+    /// Prefix of the logical decoding messages that carry events
+    /// (`pg_logical_emit_message`); `None`: messages are off (`--no-messages`).
+    pub message_prefix: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -237,6 +244,9 @@ pub struct RelayConfig {
     /// Terminate a stale walsender holding our slot (see [`DEFAULT_STALE_HOLDER_TIMEOUT`]).
     pub terminate_stale_holder: bool,
     pub stale_holder_timeout: Duration,
+    /// Delete outbox rows once the slot's confirmed position passed their
+    /// transaction (`--delete-delivered`, see `relay::cleanup`).
+    pub delete_delivered: bool,
 }
 
 impl RelayConfig {
@@ -322,6 +332,7 @@ impl Default for MappingConfig {
             header_columns: Vec::new(),
             provenance_headers: DEFAULT_PROVENANCE_HEADERS,
             payload_format: DEFAULT_PAYLOAD_FORMAT,
+            message_prefix: Some(DEFAULT_MESSAGE_PREFIX.into()),
         }
     }
 }
@@ -341,6 +352,7 @@ impl Default for RelayConfig {
             slot_busy_retry: DEFAULT_SLOT_BUSY_RETRY,
             terminate_stale_holder: false,
             stale_holder_timeout: DEFAULT_STALE_HOLDER_TIMEOUT,
+            delete_delivered: false,
         }
     }
 }

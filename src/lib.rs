@@ -44,7 +44,7 @@
 //! | [`lsn`] | `Lsn` and protocol timestamps, shared by all | none |
 //! | [`pgoutput`] | pgoutput message decoder | none |
 //! | [`ack`] | ack tracker: ordered queue of transactions and keepalive markers | none |
-//! | [`outbox`] | row → Kafka record mapping (Debezium EventRouter compatible) | none |
+//! | [`outbox`] | row (or logical decoding message, [`outbox::message`]) → Kafka record mapping (Debezium EventRouter compatible) | none |
 //! | [`replication`] | walsender wire client on `postgres-protocol` | PostgreSQL |
 //! | [`kafka`] | rdkafka producer, delivery events, topic preparation | Kafka |
 //! | [`setup`] | preflight checks, publication, slot state (ordinary SQL) | PostgreSQL |

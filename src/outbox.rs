@@ -18,6 +18,8 @@ use crate::config::{MappingConfig, PayloadFormat, TableName};
 use crate::lsn::{pg_micros_to_system_time, Lsn};
 use crate::pgoutput::{Column, Insert, Relation, TupleData};
 
+pub mod message;
+
 /// Header carrying the transaction's commit LSN (`X/X`).
 pub const HEADER_LSN: &str = "outbox-relay-commit-lsn";
 /// Header carrying the transaction id.

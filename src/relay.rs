@@ -39,12 +39,14 @@ use crate::pgoutput::{DecodeError, Decoder};
 use crate::replication::{ReplicationClient, ReplicationError};
 use crate::setup::{self, Problem};
 
+mod cleanup;
 mod delivery;
 mod facts;
 mod holder;
 mod identity;
 mod lag;
 mod letgo;
+mod message;
 mod pace;
 mod poison;
 mod progress;
@@ -318,7 +320,14 @@ impl Default for StreamOptions {
 /// back transaction's rows would reach Kafka). Without it the server spills
 /// big transactions to disk and sends them after commit, which the bounded
 /// window streams through.
-pub fn pgoutput_options(server_version_num: u32, publication: &str) -> Vec<(String, String)> {
+///
+/// With `messages`, pgoutput also sends logical decoding messages
+/// (`pg_logical_emit_message`); transactional ones inside their transaction.
+pub fn pgoutput_options(
+    server_version_num: u32,
+    publication: &str,
+    messages: bool,
+) -> Vec<(String, String)> {
     let mut opts = vec![
         ("proto_version".to_string(), "1".to_string()),
         (
@@ -326,6 +335,9 @@ pub fn pgoutput_options(server_version_num: u32, publication: &str) -> Vec<(Stri
             format!("\"{}\"", publication.replace('"', "\"\"")),
         ),
     ];
+    if messages {
+        opts.push(("messages".to_string(), "true".to_string()));
+    }
     if server_version_num >= 160000 {
         // Relay rows whatever their replication origin (the default, said out loud).
         opts.push(("origin".to_string(), "any".to_string()));
@@ -549,7 +561,11 @@ impl Relay {
                 });
             }
         };
-        let options = pgoutput_options(version, &pg.publication);
+        let options = pgoutput_options(
+            version,
+            &pg.publication,
+            cfg.mapping.message_prefix.is_some(),
+        );
         let start = match self.opts.start_lsn {
             // The operator's check is for the position they gave at start;
             // later sessions resume from the slot (still never below `start`).
@@ -646,6 +662,16 @@ impl Relay {
             last_status: Instant::now(),
             burst_produced: None,
             delivery: self.delivery.for_session(confirmed),
+            cleanup: (cfg.relay.delete_delivered
+                && self.opts.confirm
+                && self.opts.end_lsn.is_none())
+            .then(|| {
+                cleanup::Cleanup::new(Some(cleanup::spawn(
+                    pg.clone(),
+                    pg.table.clone(),
+                    cfg.mapping.id_column.clone(),
+                )))
+            }),
         };
         let result = session.run(&mut stream, sink, &self.shutdown).await;
         session.report_skipped();

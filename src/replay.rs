@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::kafka::{DeliveryToken, KafkaSink, KafkaSinkError, SinkEvent, SinkSettings};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
+use crate::outbox::message::{classify, MessageError, MessageKind};
 use crate::outbox::{Mapped, MappingError, OutboxMapper, TxnInfo};
 use crate::pgoutput::{Column, Decoder, Message, Relation, RelationColumn, TupleData};
 use crate::relay::{Relay, RelayError, StreamOptions, HEADER_REPLAY};
@@ -550,11 +551,18 @@ async fn peek_changes(
             ReplayError::Sql(text)
         }
     };
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&slot, &changes, &publication];
+    // Messages (pg_logical_emit_message) are shown like rows when they are on.
+    let messages = if cfg.mapping.message_prefix.is_some() {
+        "true"
+    } else {
+        "false"
+    };
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+        [&slot, &changes, &publication, &messages];
     let rows = client
         .query_raw(
             "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2, \
-             'proto_version', '1', 'publication_names', $3)",
+             'proto_version', '1', 'publication_names', $3, 'messages', $4)",
             params,
         )
         .await
@@ -584,23 +592,38 @@ async fn peek_changes(
             Message::Insert(ins) => {
                 let Some(t) = txn else { continue };
                 if let Mapped::Record(r) = mapper.map_insert(&ins, &t)? {
-                    let text = |b: &Option<Bytes>| {
-                        b.as_ref().map(|b| String::from_utf8_lossy(b).into_owned())
-                    };
-                    out.push(Peeked {
-                        lsn,
-                        topic: r.topic.to_string(),
-                        key: text(&r.key),
-                        id: text(&r.id),
-                        payload: text(&r.payload),
-                    });
+                    out.push(peeked(lsn, r));
                     if out.len() >= limit {
                         return Ok((out, true));
                     }
+                }
+            }
+            Message::Message(m)
+                if classify(&m, cfg.mapping.message_prefix.as_deref()) == MessageKind::Event =>
+            {
+                let Some(t) = txn else { continue };
+                let r = mapper.map_message(&m, &t).map_err(|e| match e {
+                    MessageError::Mapping(e) => ReplayError::Mapping(e),
+                    e => ReplayError::Usage(e.to_string()),
+                })?;
+                out.push(peeked(lsn, r));
+                if out.len() >= limit {
+                    return Ok((out, true));
                 }
             }
             _ => {}
         }
     }
     Ok((out, seen >= changes as usize))
+}
+
+fn peeked(lsn: String, r: crate::outbox::OutboxRecord) -> Peeked {
+    let text = |b: &Option<Bytes>| b.as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
+    Peeked {
+        lsn,
+        topic: r.topic.to_string(),
+        key: text(&r.key),
+        id: text(&r.id),
+        payload: text(&r.payload),
+    }
 }

@@ -470,7 +470,11 @@ async fn a_partitioned_outbox_is_published_via_its_root() {
     let cfg = config(&cluster);
     setup::ensure_publication(&cfg, &client).await.unwrap();
     create_slot(&client, &cfg.postgres.slot, "pgoutput").await;
-    assert_eq!(preflight(&cfg, &client).await, []);
+    let problems = preflight(&cfg, &client).await;
+    assert_eq!(errors(&problems), Vec::<String>::new());
+    // check says how the partitions are published.
+    assert_eq!(notes(&problems).len(), 1, "{problems:#?}");
+    assert!(notes(&problems)[0].contains("publishes via the partition root"));
     client
         .batch_execute("INSERT INTO public.outbox_events (aggregatetype, aggregateid, type, payload) VALUES ('a', '1', 't', '{}')")
         .await

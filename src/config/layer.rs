@@ -132,6 +132,9 @@ pub struct MappingLayer {
     pub provenance_headers: Option<bool>,
     /// `"raw"` or `"json"`.
     pub payload_format: Option<PayloadFormat>,
+    /// `false`: logical decoding messages carry no events.
+    pub messages: Option<bool>,
+    pub message_prefix: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -157,6 +160,7 @@ pub struct RelayLayer {
     pub terminate_stale_holder: Option<bool>,
     #[serde(default, deserialize_with = "units::de_opt_duration")]
     pub stale_holder_timeout: Option<Duration>,
+    pub delete_delivered: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -271,6 +275,8 @@ impl Layer {
                 header_columns: tm.header_columns.or(m.header_columns),
                 provenance_headers: tm.provenance_headers.or(m.provenance_headers),
                 payload_format: tm.payload_format.or(m.payload_format),
+                messages: tm.messages.or(m.messages),
+                message_prefix: tm.message_prefix.or(m.message_prefix),
             },
             relay: RelayLayer {
                 max_in_flight_records: tr.max_in_flight_records.or(r.max_in_flight_records),
@@ -291,6 +297,7 @@ impl Layer {
                 slot_busy_retry: tr.slot_busy_retry.or(r.slot_busy_retry),
                 terminate_stale_holder: tr.terminate_stale_holder.or(r.terminate_stale_holder),
                 stale_holder_timeout: tr.stale_holder_timeout.or(r.stale_holder_timeout),
+                delete_delivered: tr.delete_delivered.or(r.delete_delivered),
             },
             log: LogLayer {
                 format: top.log.format.or(self.log.format),
@@ -419,6 +426,13 @@ impl Config {
                 header_columns: m.header_columns.unwrap_or_default(),
                 provenance_headers: m.provenance_headers.unwrap_or(DEFAULT_PROVENANCE_HEADERS),
                 payload_format: m.payload_format.unwrap_or(DEFAULT_PAYLOAD_FORMAT),
+                message_prefix: match m.messages {
+                    Some(false) => None,
+                    _ => Some(
+                        m.message_prefix
+                            .unwrap_or_else(|| super::DEFAULT_MESSAGE_PREFIX.into()),
+                    ),
+                },
             },
             relay: RelayConfig {
                 max_in_flight_records: r
@@ -450,6 +464,7 @@ impl Config {
                 stale_holder_timeout: r
                     .stale_holder_timeout
                     .unwrap_or(super::DEFAULT_STALE_HOLDER_TIMEOUT),
+                delete_delivered: r.delete_delivered.unwrap_or(false),
             },
             log: LogConfig {
                 format: l.format.unwrap_or(DEFAULT_LOG_FORMAT),

@@ -223,6 +223,16 @@ fn kafka(cfg: &Config, out: &mut Vec<Problem>) {
 
 fn mapping(cfg: &Config, out: &mut Vec<Problem>) {
     let m = &cfg.mapping;
+    if m.message_prefix.as_deref() == Some("") {
+        out.push(Problem::new(
+            "the message prefix is empty",
+            format!(
+                "set {} to a prefix such as outbox, or turn messages off with {}",
+                setting("mapping.message_prefix", "message-prefix"),
+                setting("mapping.messages = false", "no-messages")
+            ),
+        ));
+    }
     let mut columns = vec![
         ("mapping.id_column", "id-column", &m.id_column),
         ("mapping.key_column", "key-column", &m.key_column),

@@ -7,11 +7,18 @@ use bytes::Bytes;
 
 use crate::config::PoisonPolicy;
 use crate::kafka::KafkaSink;
-use crate::outbox::{OutboxRecord, TxnInfo};
-use crate::pgoutput::Insert;
+use crate::outbox::{OutboxMapper, OutboxRecord, TxnInfo};
+use crate::pgoutput::{Insert, LogicalMessage};
 
 use super::session::Session;
 use super::{RelayError, HEADER_ERROR_CLASS, HEADER_ERROR_REASON, HEADER_ORIGINAL_TOPIC};
+
+/// Where a poison record came from: a table row or a logical decoding message.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Source<'a> {
+    Row(&'a Insert),
+    Message(&'a LogicalMessage),
+}
 
 impl Session<'_> {
     /// A row that can never become its record: stop, or dead-letter it with
@@ -21,7 +28,7 @@ impl Session<'_> {
         class: &'static str,
         reason: String,
         original_topic: Option<String>,
-        ins: &Insert,
+        source: Source<'_>,
         txn: &TxnInfo,
         sink: &mut KafkaSink,
     ) -> Result<(), RelayError> {
@@ -46,7 +53,16 @@ impl Session<'_> {
                 divert,
             });
         };
-        let id = self.mapper.row_id(ins);
+        let id = match source {
+            Source::Row(ins) => self.mapper.row_id(ins),
+            // Its own id, else the one it would have been given.
+            Source::Message(m) => OutboxMapper::message_id(m).or_else(|| {
+                Some(Bytes::from(crate::outbox::message::derived_id(
+                    txn.commit_lsn,
+                    m.lsn,
+                )))
+            }),
+        };
         // A too-large row would be too large in the dead-letter topic as well:
         // send its identity and the reason; the row itself stays in the WAL/table.
         let payload = if class == "too_large" {
@@ -58,7 +74,11 @@ impl Session<'_> {
                 .to_string(),
             )
         } else {
-            self.mapper.row_json(ins)
+            match source {
+                Source::Row(ins) => self.mapper.row_json(ins),
+                // The raw content, as emitted.
+                Source::Message(m) => OutboxMapper::message_content(m),
+            }
         };
         let mut headers: Vec<(Arc<str>, Bytes)> = vec![
             (

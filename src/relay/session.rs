@@ -15,10 +15,11 @@ use crate::kafka::{DeliveryToken, KafkaSink, KafkaSinkError, SinkEvent};
 use crate::lsn::Lsn;
 use crate::metrics::{latency_since_commit, Metrics};
 use crate::outbox::{Mapped, OutboxMapper, OutboxRecord, TxnInfo};
-use crate::pgoutput::{Decoder, Insert, Message};
+use crate::pgoutput::{Decoder, Message};
 use crate::replication::{ReplicationMessage, ReplicationStream};
 
 use super::letgo::ShutdownDetector;
+use super::poison::Source;
 use super::{
     RelayError, StreamOptions, Window, BURST, HEADER_REPLAY, PROMPT_INTERVAL, QUEUE_FULL_RETRY,
 };
@@ -74,6 +75,8 @@ pub(super) struct Session<'a> {
     pub(super) prompt_at: Option<tokio::time::Instant>,
     /// Delivery failures remembered across sessions (see `delivery.rs`).
     pub(super) delivery: &'a mut super::delivery::DeliveryMemory,
+    /// `--delete-delivered` (live relay only, see `cleanup.rs`).
+    pub(super) cleanup: Option<super::cleanup::Cleanup>,
 }
 
 impl Session<'_> {
@@ -386,6 +389,9 @@ impl Session<'_> {
             .await?;
         self.last_status = Instant::now();
         self.last_sent_flush = flushed;
+        if let Some(cleanup) = &mut self.cleanup {
+            cleanup.confirmed(flushed);
+        }
         self.metrics.status_update_sent();
         self.metrics.confirmed_lsn(flushed);
         if let Some(t) = self.tracker.flushed_commit_time() {
@@ -455,6 +461,9 @@ impl Session<'_> {
                     }
                     Message::Commit(c) => {
                         self.tracker.commit(c.end_lsn)?;
+                        if let Some(cleanup) = &mut self.cleanup {
+                            cleanup.commit(c.end_lsn);
+                        }
                         self.txn = None;
                         self.metrics.sent_lsn(c.end_lsn);
                     }
@@ -477,14 +486,21 @@ impl Session<'_> {
                         let txn = self.txn.ok_or(AckError::NoOpenTransaction("Insert"))?;
                         match self.mapper.map_insert(&ins, &txn) {
                             Ok(Mapped::Record(record)) => {
-                                self.forward(record, &ins, &txn, sink).await?
+                                self.forward(record, Source::Row(&ins), &txn, sink).await?
                             }
                             Ok(Mapped::OtherTable { table }) => self.warn_once(table, "insert"),
                             Err(e) => match e.poison_class() {
                                 Some(class) => {
                                     let topic = e.original_topic().map(str::to_string);
-                                    self.poison(class, e.to_string(), topic, &ins, &txn, sink)
-                                        .await?
+                                    self.poison(
+                                        class,
+                                        e.to_string(),
+                                        topic,
+                                        Source::Row(&ins),
+                                        &txn,
+                                        sink,
+                                    )
+                                    .await?
                                 }
                                 None => return Err(e.into()),
                             },
@@ -493,7 +509,8 @@ impl Session<'_> {
                     Message::Update(_) => self.warn_once("(update)".into(), "update"),
                     Message::Delete(_) => self.warn_once("(delete)".into(), "delete"),
                     Message::Truncate(_) => self.warn_once("(truncate)".into(), "truncate"),
-                    Message::Origin(_) | Message::Type(_) | Message::Message(_) => {}
+                    Message::Message(m) => self.on_logical_message(m, sink).await?,
+                    Message::Origin(_) | Message::Type(_) => {}
                     Message::StreamStart(_)
                     | Message::StreamStop
                     | Message::StreamCommit(_)
@@ -510,10 +527,10 @@ impl Session<'_> {
     }
 
     /// Send one mapped record (live or replay) to its topic.
-    async fn forward(
+    pub(super) async fn forward(
         &mut self,
         mut record: OutboxRecord,
-        ins: &Insert,
+        source: Source<'_>,
         txn: &TxnInfo,
         sink: &mut KafkaSink,
     ) -> Result<(), RelayError> {
@@ -527,19 +544,30 @@ impl Session<'_> {
         }
         if let Some(r) = self.rejected_here(txn) {
             return self
-                .poison(r.class, r.reason, Some(r.topic), ins, txn, sink)
+                .poison(r.class, r.reason, Some(r.topic), source, txn, sink)
                 .await;
         }
         let size = record.size();
         let topic = record.topic.to_string();
+        // A row relayed to its own topic may be deleted once confirmed.
+        let delete_id = match source {
+            Source::Row(_) if self.cleanup.is_some() => record.id.clone(),
+            _ => None,
+        };
         match self.produce(record, txn, sink).await {
+            Ok(()) => {
+                if let (Some(cleanup), Some(id)) = (&mut self.cleanup, delete_id) {
+                    cleanup.note(&id);
+                }
+                Ok(())
+            }
             Err(RelayError::Kafka(KafkaSinkError::Produce(KafkaError::MessageProduction(
                 RDKafkaErrorCode::MessageSizeTooLarge,
             )))) => {
                 let reason = format!(
                     "the record is {size} bytes, above the producer's message.max.bytes; raise it on the broker (max.message.bytes) and the relay (--kafka-property message.max.bytes=N), or make the row smaller"
                 );
-                self.poison("too_large", reason, Some(topic), ins, txn, sink)
+                self.poison("too_large", reason, Some(topic), source, txn, sink)
                     .await
             }
             other => other,
@@ -605,7 +633,7 @@ impl Session<'_> {
         }
     }
 
-    fn warn_once(&mut self, what: String, kind: &str) {
+    pub(super) fn warn_once(&mut self, what: String, kind: &str) {
         if self.warned_tables.insert(what.clone()) {
             tracing::warn!(
                 what = %what,

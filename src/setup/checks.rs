@@ -218,6 +218,19 @@ fn check_role(cfg: &Config, server: &ServerFacts, rest: &Rest, out: &mut Vec<Pro
                 ),
             ));
         }
+        if cfg.relay.delete_delivered && !t.owned && !t.writes.iter().any(|w| w == "DELETE") {
+            out.push(Problem::new(
+                format!(
+                    "role {role} cannot DELETE from {name}, which --delete-delivered needs (it \
+                     deletes delivered rows by {})",
+                    quote_ident(&cfg.mapping.id_column)
+                ),
+                format!(
+                    "GRANT DELETE ON {name} TO {role}, or drop --delete-delivered \
+                     (relay.delete_delivered)"
+                ),
+            ));
+        }
     }
 }
 
@@ -260,17 +273,24 @@ fn excess_privileges(cfg: &Config, role: &str, rest: &Rest, out: &mut Vec<Proble
         ));
     }
     if let Some(t) = &rest.table {
-        if !t.writes.is_empty() {
+        // --delete-delivered needs DELETE: not an excess then.
+        let writes: Vec<String> = t
+            .writes
+            .iter()
+            .filter(|w| !(cfg.relay.delete_delivered && *w == "DELETE"))
+            .cloned()
+            .collect();
+        if !writes.is_empty() {
             let name = &cfg.postgres.table;
             let how = if t.owned {
                 format!(
                     "role {role} owns {name}, so it may also {} it; the relay only reads",
-                    t.writes.join(", ")
+                    writes.join(", ")
                 )
             } else {
                 format!(
                     "role {role} may {} {name}; the relay only reads",
-                    t.writes.join(", ")
+                    writes.join(", ")
                 )
             };
             let fix = if t.owned {
@@ -279,7 +299,7 @@ fn excess_privileges(cfg: &Config, role: &str, rest: &Rest, out: &mut Vec<Proble
                      owner creates the publication once with sql/02_publication.sql"
                 )
             } else {
-                format!("REVOKE {} ON {name} FROM {role}", t.writes.join(", "))
+                format!("REVOKE {} ON {name} FROM {role}", writes.join(", "))
             };
             out.push(Problem::info(how, fix));
         }
@@ -364,6 +384,18 @@ fn check_publication(cfg: &Config, server: &ServerFacts, rest: &Rest, out: &mut 
                     format!("publish every column: ALTER PUBLICATION {pub_name} SET TABLE {name}"),
                 ));
             }
+        }
+        if table.relkind == "p" {
+            // publication_defect refuses a partitioned table published otherwise.
+            out.push(Problem::info(
+                format!(
+                    "{name} is partitioned and publication {pub_name} publishes via the \
+                     partition root (publish_via_partition_root = true): rows inserted into any \
+                     partition, present or future, are relayed as rows of {name}"
+                ),
+                "nothing to do; old partitions may be detached and dropped once the slot has \
+                 passed them",
+            ));
         }
         if let Some(filter) = &publ.row_filter {
             out.push(Problem::info(
@@ -795,6 +827,45 @@ mod tests {
         assert_eq!(t.len(), 1, "{t:#?}");
         assert!(t[0].starts_with("Info: role relay is a superuser"), "{t:?}");
         assert!(t[0].contains("sql/03_relay_role.sql"));
+    }
+
+    #[test]
+    fn delete_delivered_names_the_delete_privilege() {
+        let mut c = cfg();
+        c.relay.delete_delivered = true;
+        let mut f = good();
+        let t = texts(&c, &f);
+        assert_eq!(t.len(), 1, "{t:#?}");
+        assert!(
+            t[0].starts_with("Error: role relay cannot DELETE from public.outbox_events")
+                && t[0].contains("GRANT DELETE ON public.outbox_events TO relay"),
+            "{t:?}"
+        );
+        // Granted: no problem, and DELETE is no excess privilege then.
+        rest(&mut f).table.as_mut().unwrap().writes = vec!["DELETE".into()];
+        assert_eq!(texts(&c, &f), Vec::<String>::new());
+        // Without the flag, DELETE is an excess again.
+        assert!(texts(&cfg(), &f)[0].contains("may DELETE"));
+    }
+
+    #[test]
+    fn a_partitioned_table_says_it_is_published_via_the_root() {
+        let mut f = good();
+        rest(&mut f).table.as_mut().unwrap().relkind = "p".into();
+        rest(&mut f).publication.as_mut().unwrap().via_root = true;
+        let t = texts(&cfg(), &f);
+        assert_eq!(t.len(), 1, "{t:#?}");
+        assert!(
+            t[0].starts_with("Info: public.outbox_events is partitioned"),
+            "{t:?}"
+        );
+        assert!(t[0].contains("publishes via the partition root"), "{t:?}");
+        rest(&mut f).publication.as_mut().unwrap().via_root = false;
+        let t = texts(&cfg(), &f);
+        assert!(
+            t[0].starts_with("Error:") && t[0].contains("publish_via_partition_root"),
+            "{t:?}"
+        );
     }
 
     #[test]
