@@ -143,6 +143,8 @@ pub enum RelayError {
     SlotCreationRace(String),
     #[error("PostgreSQL sent nothing for {0:?} although asked for keepalives, longer than its wal_sender_timeout allows a live walsender; the connection is presumed dead")]
     ServerSilent(Duration),
+    #[error("no usable PostgreSQL server: {0}; retrying (during a failover, until a standby is promoted)")]
+    NoServer(String),
     #[error("{gap}. {loss}. The relay stops rather than create a new slot and stream past the gap. After the backfill, drop the stale slot if one is left and start the relay again: a new process creates the slot and starts from the current WAL position")]
     SlotGap {
         /// What changed ([`identity::Gap::describe`]).
@@ -231,7 +233,8 @@ impl RelayError {
             | RelayError::StreamEnded
             | RelayError::SlotCreationRace(_)
             | RelayError::ServerShuttingDown { .. }
-            | RelayError::ServerSilent(_) => Retry,
+            | RelayError::ServerSilent(_)
+            | RelayError::NoServer(_) => Retry,
         }
     }
 
@@ -459,14 +462,20 @@ impl Relay {
     async fn session(&mut self) -> Result<SessionEnd, RelayError> {
         self.generation += 1;
         let generation = self.generation;
-        let cfg = self.cfg.clone();
-        let pg = &cfg.postgres;
+        let mut cfg = self.cfg.clone();
 
-        // Ordinary SQL: checks, publication, slot state.
-        let client = crate::sql::connect(pg).await.map_err(|e| match e {
-            crate::sql::SqlConnectError::Config(e) => RelayError::Config(e.to_string()),
-            crate::sql::SqlConnectError::Postgres(e) => RelayError::Sql(e),
-        })?;
+        // Ordinary SQL: checks, publication, slot state. With several hosts in
+        // the URL this chooses the server (target_session_attrs); every other
+        // connection of the session is pinned to it.
+        let client = crate::sql::connect(&cfg.postgres)
+            .await
+            .map_err(|e| match e {
+                crate::sql::SqlConnectError::Config(e) => RelayError::Config(e.to_string()),
+                crate::sql::SqlConnectError::Postgres(e) => RelayError::Sql(e),
+                crate::sql::SqlConnectError::NoServer(e) => RelayError::NoServer(e),
+            })?;
+        cfg.postgres = cfg.postgres.pinned_to(client.host);
+        let pg = &cfg.postgres;
         if !self.started {
             let problems = setup::preflight(&cfg, &client).await?;
             if !problems.is_empty() {
@@ -482,6 +491,19 @@ impl Relay {
             .map_err(|e| RelayError::Config(e.to_string()))?;
         let mut repl = ReplicationClient::connect(&connect).await?;
         let version = repl.server_version_num();
+        let (_, attrs) = pg
+            .replication_targets()
+            .map_err(|e| RelayError::Config(e.to_string()))?;
+        if attrs != crate::config::SessionAttrs::Any {
+            // The server may have changed role since the SQL connection chose it.
+            let role = crate::failover::replication_role(&mut repl).await?;
+            if !role.satisfies(attrs) {
+                return Err(RelayError::NoServer(format!(
+                    "{}:{} became {role} after it was chosen as {attrs}",
+                    connect.host, connect.port
+                )));
+            }
+        }
 
         // Is this the server, and the slot, this process streamed from before?
         let system = repl.identify_system().await?;
@@ -493,8 +515,28 @@ impl Relay {
         let failover = facts::slot_failover(&client, &pg.slot, version).await?;
         self.metrics
             .server_identity(&server.system_id, server.timeline);
+        let was = self.memory.server.clone();
         if let Err(gap) = self.memory.check_server(&server, failover) {
             return Err(self.gap(gap));
+        }
+        if let Some(was) = was.filter(|w| w.timeline != server.timeline) {
+            // Followed a promotion with a failover slot: only if the new
+            // timeline's history holds everything this process confirmed.
+            let history = repl.timeline_history(server.timeline).await?;
+            if let Err(gap) = self
+                .memory
+                .check_fork(was.timeline, server.timeline, &history)
+            {
+                self.memory.server = Some(was);
+                return Err(self.gap(gap));
+            }
+            tracing::warn!(
+                from_timeline = was.timeline,
+                to_timeline = server.timeline,
+                host = %connect.host,
+                port = connect.port,
+                "followed a failover: the failover slot carried over to the promoted server; transactions after its confirmed position come again (duplicates, same ids)"
+            );
         }
         let confirmed = match slot {
             Some(s) => {
@@ -518,13 +560,14 @@ impl Relay {
                     return Err(self.gap(gap));
                 }
                 let created = repl
-                    .create_logical_slot(&pg.slot)
+                    .create_logical_slot_with(&pg.slot, pg.failover_slot)
                     .await
                     .map_err(|e| slot_creation_error(e, &pg.slot))?;
                 self.memory.slot_seen = true;
                 tracing::warn!(
                     slot = %pg.slot,
                     consistent_point = %created.consistent_point,
+                    failover_slot = version >= 170000 && pg.failover_slot,
                     "created replication slot: events are relayed from transactions committing after this position; anything committed before it is not (use table replay for older rows)"
                 );
                 created.consistent_point
@@ -587,7 +630,7 @@ impl Relay {
         // Durable progress: for the live relay (replay neither skips nor records).
         let (skip_below, progress_tx, _writer) = if self.opts.confirm && self.opts.end_lsn.is_none()
         {
-            self.durable_progress(&client, &server, repl_db, confirmed)
+            self.durable_progress(pg, &client, &server, repl_db, confirmed)
                 .await
         } else {
             (Lsn::ZERO, None, None)
@@ -677,6 +720,7 @@ impl Relay {
     /// say so once and run without: duplicates are then bounded by the slot.
     async fn durable_progress(
         &mut self,
+        pg: &crate::config::PostgresConfig,
         client: &crate::sql::SqlConnection,
         server: &identity::ServerIdentity,
         database: String,
@@ -686,7 +730,6 @@ impl Relay {
         Option<tokio::sync::watch::Sender<Lsn>>,
         Option<AbortOnDrop>,
     ) {
-        let pg = &self.cfg.postgres;
         let owner = progress::Owner {
             slot: pg.slot.clone(),
             database,
