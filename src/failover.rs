@@ -247,7 +247,7 @@ async fn standby_view(cfg: &Config, index: usize, slot: &str) -> StandbyView {
         primary_conninfo_has_dbname: None,
         slot: None,
     };
-    let conn = match crate::sql::connect(&pinned).await {
+    let conn = match crate::sql::connect_host(&cfg.postgres, index).await {
         Ok(c) => c,
         Err(e) => {
             view.unreadable = Some(match e {

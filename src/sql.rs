@@ -99,6 +99,20 @@ pub async fn connect(cfg: &PostgresConfig) -> Result<SqlConnection, SqlConnectEr
     )))
 }
 
+/// A connection to host number `index` of the URL whatever its role (the
+/// failover report reads the standbys of a `target_session_attrs=read-write`
+/// URL).
+pub async fn connect_host(
+    cfg: &PostgresConfig,
+    index: usize,
+) -> Result<SqlConnection, SqlConnectError> {
+    let (mut targets, _) = cfg.pinned_to(index).sql_targets()?;
+    let (config, opts) = targets.swap_remove(0);
+    let mut conn = connect_one(&config, &opts).await?;
+    conn.host = index;
+    Ok(conn)
+}
+
 fn host_label(config: &tokio_postgres::Config) -> String {
     let host = match config.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),

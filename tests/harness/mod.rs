@@ -1680,3 +1680,4 @@ impl PgCluster {
 }
 
 pub mod security;
+pub mod standby;
