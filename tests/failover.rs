@@ -25,8 +25,8 @@ use std::time::Duration;
 use harness::outbox::{insert_rows, Env, Expected};
 use harness::standby::{promote, start_standby, synced_slot, two_host_url, StandbySetup};
 use harness::{
-    create_logical_slot, slot_confirmed_flush_lsn, wait_until, PgCluster, PgVersion, RelayProcess,
-    ShutdownMode,
+    create_logical_slot, current_wal_lsn, lsn_to_u64, set_and_reload, slot_confirmed_flush_lsn,
+    wait_until, PgCluster, PgVersion, RelayProcess, ShutdownMode,
 };
 
 /// Generous: slot synchronisation naps up to 30 s, and the machine is shared.
@@ -268,6 +268,7 @@ async fn pg17_check_and_status_name_each_missing_failover_setting() {
         "standby1",
         StandbySetup {
             sync_slots: false,
+            synchronized_standby_slots: false,
             synchronous: false,
         },
     )
@@ -312,4 +313,112 @@ async fn pg17_check_and_status_name_each_missing_failover_setting() {
         status["in_recovery"], false,
         "read-write chose the primary: {status:#}"
     );
+}
+
+/// Without `synchronized_standby_slots` the relay can deliver (and confirm)
+/// what the standby never received; promoted, the standby's history forks
+/// below that position. The relay must stop, not stream on as if the new
+/// timeline continued what Kafka has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg17_relay_stops_when_the_promoted_standby_never_received_what_it_delivered() {
+    let mut env = Env::with_pg(PgCluster::start(PgVersion::V17, &[])).await;
+    let standby = start_standby(
+        &env.pg,
+        "standby1",
+        StandbySetup {
+            sync_slots: true,
+            synchronized_standby_slots: false,
+            synchronous: false,
+        },
+    )
+    .await;
+    let url = two_host_url(&env.pg, &standby, "read-write");
+    let primary = env.client().await;
+    let standby_client = standby.client().await;
+    let mut relay = spawn_relay(&env, &url);
+    env.wait_streaming(&mut relay).await;
+    let seq = insert_rows(&primary, 0, 5, 2).await;
+    wait_until(
+        LONG,
+        "the standby holds a persistent synced copy of the slot",
+        || {
+            let (primary, standby_client, slot) = (&primary, &standby_client, &env.slot);
+            async move {
+                nudge(primary).await;
+                matches!(
+                    synced_slot(standby_client, slot).await,
+                    Some((true, false, true, _))
+                )
+            }
+        },
+    )
+    .await;
+
+    // Cut the standby off (it stops receiving WAL), then write events the
+    // relay delivers and confirms but the standby never gets.
+    set_and_reload(
+        &standby_client,
+        "primary_conninfo",
+        "host=127.0.0.1 port=1 user=postgres dbname=postgres",
+    )
+    .await;
+    wait_until(LONG, "the standby is disconnected", || async {
+        primary
+            .query_opt(
+                "SELECT 1 FROM pg_stat_replication WHERE application_name = 'standby1'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .is_none()
+    })
+    .await;
+    insert_rows(&primary, seq, 5, 2).await;
+    let end = lsn_to_u64(&current_wal_lsn(&primary).await);
+    wait_until(
+        LONG,
+        "the relay confirmed the events the standby lacks",
+        || async { env.confirmed(&primary).await >= end },
+    )
+    .await;
+    let delivered_before = {
+        let mut ids = HashSet::new();
+        for topic in Expected::read(&primary).await.per_topic().keys() {
+            for c in env.broker.consume_for(topic, Duration::from_secs(3)).await {
+                ids.insert(c.header_str("id").expect("id header").to_string());
+            }
+        }
+        ids
+    };
+    assert_eq!(
+        delivered_before.len(),
+        Expected::read(&primary).await.rows.len()
+    );
+    drop(primary);
+    env.pg.stop_with(ShutdownMode::Immediate);
+    promote(&standby).await;
+    let new_primary = standby.client().await;
+    insert_rows(&new_primary, 1000, 5, 2).await;
+
+    let status = relay.wait_exit(LONG).await.expect("the relay stops");
+    assert!(!status.success());
+    let log = relay.log();
+    assert!(
+        log.contains("left timeline 1 at")
+            && log.contains("this server never received them")
+            && log.contains("synchronized_standby_slots"),
+        "names the fork and the setting that prevents it:\n{log}"
+    );
+    assert!(
+        log.contains("outbox-relay replay --from-time"),
+        "names the backfill:\n{log}"
+    );
+    // Nothing from the new timeline reached Kafka.
+    let mut after = HashSet::new();
+    for topic in Expected::read(&new_primary).await.per_topic().keys() {
+        for c in env.broker.consume_for(topic, Duration::from_secs(3)).await {
+            after.insert(c.header_str("id").expect("id header").to_string());
+        }
+    }
+    assert_eq!(after, delivered_before, "nothing streamed past the fork");
 }

@@ -14,6 +14,10 @@ pub struct StandbySetup {
     /// `synchronized_standby_slots` on the primary (off: a standby that is not
     /// failover-ready, for `check`).
     pub sync_slots: bool,
+    /// PostgreSQL 17: list the standby's slot in the primary's
+    /// `synchronized_standby_slots` (with `sync_slots`): logical decoding never
+    /// gets ahead of the standby.
+    pub synchronized_standby_slots: bool,
     /// `synchronous_standby_names` on the primary: a commit returns only once
     /// the standby has it, so a crash of the primary loses no committed event.
     pub synchronous: bool,
@@ -23,6 +27,7 @@ impl Default for StandbySetup {
     fn default() -> Self {
         StandbySetup {
             sync_slots: true,
+            synchronized_standby_slots: true,
             synchronous: true,
         }
     }
@@ -147,7 +152,7 @@ pub async fn start_standby(primary: &PgCluster, name: &str, setup: StandbySetup)
         }
     })
     .await;
-    if version.major() >= 17 && setup.sync_slots {
+    if version.major() >= 17 && setup.sync_slots && setup.synchronized_standby_slots {
         set_and_reload(&client, "synchronized_standby_slots", name).await;
     }
     if setup.synchronous {
