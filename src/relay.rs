@@ -538,6 +538,14 @@ impl Relay {
                 "followed a failover: the failover slot carried over to the promoted server; transactions after its confirmed position come again (duplicates, same ids)"
             );
         }
+        if self.memory.slot_seen || self.started {
+            // This process knows the slot; the checks above judged it.
+        } else if let Some(gap) = self
+            .lost_in_failover(&client, &server, &repl_db, slot.is_some() && failover)
+            .await
+        {
+            return Err(gap);
+        }
         let confirmed = match slot {
             Some(s) => {
                 self.memory.slot_seen = true;
@@ -761,6 +769,44 @@ impl Relay {
         let (tx, rx) = tokio::sync::watch::channel(recorded.unwrap_or(Lsn::ZERO).max(confirmed));
         let writer = tokio::spawn(progress::writer(pg.clone(), pg.table.clone(), owner, rx));
         (skip_below, Some(tx), Some(AbortOnDrop(writer)))
+    }
+
+    /// A process that never saw its slot, on a server promoted since the
+    /// progress table last recorded the slot on this cluster: the slot did not
+    /// come through the promotion unless it is a failover slot (`carried`).
+    async fn lost_in_failover(
+        &self,
+        client: &crate::sql::SqlConnection,
+        server: &identity::ServerIdentity,
+        database: &str,
+        carried: bool,
+    ) -> Option<RelayError> {
+        let pg = &self.cfg.postgres;
+        let (system_id, timeline, recorded, at) =
+            progress::read_any(client, &pg.table, &pg.slot, database).await?;
+        if carried || system_id != server.system_id || timeline >= server.timeline {
+            return None;
+        }
+        let forget = format!(
+            "DELETE FROM {} WHERE slot_name = {}",
+            progress::table_name(&pg.table),
+            crate::config::quote_literal(&pg.slot)
+        );
+        let from = at.checked_sub(Duration::from_secs(60)).unwrap_or(at);
+        Some(RelayError::SlotGap {
+            gap: identity::Gap::LostInFailover {
+                recorded_timeline: timeline,
+                now: server.timeline,
+                recorded,
+                forget,
+            }
+            .describe(&pg.slot),
+            loss: format!(
+                "The relay had acknowledged everything up to {recorded} by {}; events committed after that may be missing from Kafka: backfill them from the outbox table with `outbox-relay replay --from-time {}` (a minute of margin; consumers deduplicate by id)",
+                humantime::format_rfc3339_seconds(at),
+                humantime::format_rfc3339_seconds(from),
+            ),
+        })
     }
 
     /// The fatal error for a gap, naming what was delivered and the backfill.

@@ -61,6 +61,17 @@ pub enum Gap {
     /// The new timeline's history does not come from the one this process
     /// streamed on.
     NotDescended { was: u32, now: u32 },
+    /// A process that never saw the slot, on a promoted server: the progress
+    /// table (replicated from the old primary) records that the slot existed
+    /// on an earlier timeline of this cluster, and the slot here is missing
+    /// or not a failover slot, so it did not come through the promotion.
+    LostInFailover {
+        recorded_timeline: u32,
+        now: u32,
+        recorded: Lsn,
+        /// `DELETE …` of the progress row, for after the backfill.
+        forget: String,
+    },
 }
 
 impl Memory {
@@ -174,6 +185,14 @@ impl Gap {
         match self {
             Gap::Forked { was, now, fork, confirmed } => format!(
                 "the server was promoted from a standby that left timeline {was} at {fork} (now timeline {now}), but the relay had confirmed up to {confirmed} on the old primary: transactions in {fork}..{confirmed} reached Kafka but this server never received them, so its slot {slot:?} does not line up with what was delivered (set synchronized_standby_slots on the primary so the relay never gets ahead of the standby)"
+            ),
+            Gap::LostInFailover {
+                recorded_timeline,
+                now,
+                recorded,
+                forget,
+            } => format!(
+                "the progress table records that slot {slot:?} delivered up to {recorded} on timeline {recorded_timeline} of this cluster, and the server is now on timeline {now} where the slot is missing or not a failover slot: the slot did not survive the promotion. After the backfill, forget the old slot ({forget}) so that a new one may be used"
             ),
             Gap::NotDescended { was, now } => format!(
                 "the server is on timeline {now}, whose history does not include timeline {was} the relay streamed on: its slot {slot:?} is not the one this relay confirmed to"
