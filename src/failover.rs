@@ -201,7 +201,7 @@ pub async fn readiness(
     // base backup in progress.
     let rows = client
         .query(
-            "SELECT r.application_name::text, r.client_addr::text, coalesce(r.state, ''), \
+            "SELECT coalesce(r.application_name::text, ''), r.client_addr::text, coalesce(r.state, ''), \
                     s.slot_name::text \
              FROM pg_stat_replication r \
              LEFT JOIN pg_replication_slots s ON s.active_pid = r.pid \

@@ -199,3 +199,34 @@ fn multi_host_mistakes_name_their_fix() {
     let e = err("postgres://u@h1,h2/db?target_session_attrs=sometimes");
     assert!(e.contains("unknown target_session_attrs"), "{e}");
 }
+
+#[test]
+fn status_text_says_ready_or_not_and_why() {
+    let mut r = primary17();
+    r.ready = true;
+    let text = render_text(&r);
+    assert!(
+        text.contains("READY: a failover carries the slot over"),
+        "{text}"
+    );
+    assert!(
+        text.contains("standby1 10.0.0.2 (streaming), physical slot standby1"),
+        "{text}"
+    );
+    r.ready = false;
+    r.slot_failover = Some(false);
+    r.findings = judge("s", &r);
+    let text = render_text(&r);
+    assert!(text.contains("NOT READY"), "{text}");
+    assert!(text.contains("  failover slot      NO\n"), "{text}");
+    assert!(
+        text.contains("warning") && text.contains("not a failover slot"),
+        "{text}"
+    );
+    // JSON: findings as what/fix pairs.
+    let json = serde_json::to_value(&r).unwrap();
+    assert!(json["findings"][0]["fix"]
+        .as_str()
+        .unwrap()
+        .contains("FAILOVER true"));
+}
