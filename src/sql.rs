@@ -61,6 +61,7 @@ pub async fn connect(cfg: &PostgresConfig) -> Result<SqlConnection, SqlConnectEr
     let single = targets.len() == 1;
     let mut refused = Vec::new();
     let mut last = None;
+    let mut wrong_role = false;
     for (i, (config, opts)) in targets.into_iter().enumerate() {
         let index = cfg.pinned_host.unwrap_or(i);
         let conn = match connect_one(&config, &opts).await {
@@ -81,7 +82,10 @@ pub async fn connect(cfg: &PostgresConfig) -> Result<SqlConnection, SqlConnectEr
         }
         match crate::failover::sql_role(&conn.client).await {
             Ok(role) if role.satisfies(attrs) => return Ok(conn),
-            Ok(role) => refused.push(format!("{}: {role}", host_label(&config))),
+            Ok(role) => {
+                wrong_role = true;
+                refused.push(format!("{}: {role}", host_label(&config)));
+            }
             Err(e) => refused.push(format!(
                 "{}: {}",
                 host_label(&config),
@@ -89,9 +93,14 @@ pub async fn connect(cfg: &PostgresConfig) -> Result<SqlConnection, SqlConnectEr
             )),
         }
     }
-    // A configuration error is the same for every host; report it as such.
-    if let Some(e @ SqlConnectError::Config(_)) = last {
-        return Err(e);
+    // No server answered with the wrong role: the last connection error
+    // keeps its own meaning (a refused password is fatal, a refused
+    // connection retried), as with one host. A configuration error is the
+    // same for every host.
+    if !wrong_role {
+        if let Some(e) = last {
+            return Err(e);
+        }
     }
     Err(SqlConnectError::NoServer(format!(
         "no server listed in postgres.url is {attrs}: {}",
