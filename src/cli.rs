@@ -325,6 +325,13 @@ pub struct PostgresArgs {
           value_parser = BoolishValueParser::new())]
     pub no_create_slot: Option<bool>,
 
+    /// PostgreSQL 17+: create the slot without FAILOVER (it is then not synchronised
+    /// to standbys and a failover loses it)
+    #[arg(long, value_name = "BOOL", env = "OUTBOX_RELAY_NO_FAILOVER_SLOT",
+          num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          value_parser = BoolishValueParser::new())]
+    pub no_failover_slot: Option<bool>,
+
     /// Do not create a missing publication (a missing publication is then an error)
     #[arg(long, value_name = "BOOL", env = "OUTBOX_RELAY_NO_CREATE_PUBLICATION",
           num_args = 0..=1, require_equals = true, default_missing_value = "true",
@@ -364,6 +371,7 @@ impl fmt::Debug for PostgresArgs {
             .field("publication", &self.publication)
             .field("no_create_slot", &self.no_create_slot)
             .field("no_create_publication", &self.no_create_publication)
+            .field("no_failover_slot", &self.no_failover_slot)
             .field("application_name", &self.application_name)
             .field("status_interval", &self.status_interval)
             .field("connect_timeout", &self.connect_timeout)
@@ -658,6 +666,7 @@ impl ConfigArgs {
                 table: p.table.clone(),
                 create_slot: p.no_create_slot.map(|no| !no),
                 create_publication: p.no_create_publication.map(|no| !no),
+                failover_slot: p.no_failover_slot.map(|no| !no),
                 application_name: p.application_name.clone(),
                 status_interval: p.status_interval,
                 connect_timeout: p.connect_timeout,

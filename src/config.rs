@@ -32,6 +32,7 @@ mod validate;
 pub use layer::{KafkaLayer, Layer, LogLayer, MappingLayer, PostgresLayer, RelayLayer};
 
 pub use conninfo::redact as redact_connection_string;
+pub use conninfo::SessionAttrs;
 pub use ident::{quote_ident, quote_literal, ParseTableNameError, TableName, MAX_IDENTIFIER_BYTES};
 use kafka_security::KafkaSecurity;
 pub use kafka_security::{KafkaSaslMechanism, KafkaSecurityProtocol};
@@ -56,6 +57,8 @@ pub const DEFAULT_TABLE_NAME: &str = "outbox_events";
 pub const DEFAULT_CREATE_SLOT: bool = true;
 /// Create the publication (`FOR TABLE <table> WITH (publish = 'insert')`) when missing.
 pub const DEFAULT_CREATE_PUBLICATION: bool = true;
+/// PostgreSQL 17+: a new slot is a failover slot unless turned off.
+pub const DEFAULT_FAILOVER_SLOT: bool = true;
 /// Shown in `pg_stat_activity` / `pg_stat_replication`; tells our walsender apart.
 pub const DEFAULT_APPLICATION_NAME: &str = "outbox-relay";
 /// Standby status update period; well under the server's `wal_sender_timeout` (60 s).
@@ -182,6 +185,11 @@ pub struct PostgresConfig {
     pub table: TableName,
     pub create_slot: bool,
     pub create_publication: bool,
+    /// PostgreSQL 17+: create the slot with `FAILOVER` (`--no-failover-slot`).
+    pub failover_slot: bool,
+    /// Which host of a multi-host URL every connection goes to; set by the relay
+    /// once it chose a server ([`PostgresConfig::pinned_to`]), never by the user.
+    pub pinned_host: Option<usize>,
     pub application_name: String,
     pub status_interval: Duration,
     pub connect_timeout: Duration,
@@ -299,6 +307,8 @@ impl Default for PostgresConfig {
             table: TableName::default(),
             create_slot: DEFAULT_CREATE_SLOT,
             create_publication: DEFAULT_CREATE_PUBLICATION,
+            failover_slot: DEFAULT_FAILOVER_SLOT,
+            pinned_host: None,
             application_name: DEFAULT_APPLICATION_NAME.into(),
             status_interval: DEFAULT_STATUS_INTERVAL,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
@@ -384,49 +394,130 @@ impl MappingConfig {
 }
 
 impl PostgresConfig {
-    /// Where and how the replication connection goes: the URL's (first and only) TCP
-    /// host, its user and database, the password override, and our settings.
+    /// Where and how the replication connection goes: the URL's first TCP host
+    /// (or the one [`pinned`](PostgresConfig::pinned_to)), its user and database,
+    /// the password override, and our settings.
     pub fn replication_connect_config(
         &self,
     ) -> Result<crate::replication::ConnectConfig, ConfigError> {
+        let (mut all, _) = self.replication_targets()?;
+        Ok(all.swap_remove(0))
+    }
+
+    /// One replication connection per host the URL lists (in libpq's order; only
+    /// the pinned one once pinned), and the URL's `target_session_attrs`.
+    pub fn replication_targets(
+        &self,
+    ) -> Result<
+        (
+            Vec<crate::replication::ConnectConfig>,
+            conninfo::SessionAttrs,
+        ),
+        ConfigError,
+    > {
         let ci = conninfo::parse(&self.url, self.password.as_deref())
             .map_err(|p| ConfigError::Invalid(vec![p]))?;
         let ep = conninfo::endpoint(&ci).map_err(ConfigError::Invalid)?;
-        Ok(crate::replication::ConnectConfig {
-            host: ep.host,
-            port: ep.port,
-            user: ep.user,
-            password: ep.password,
-            dbname: ep.dbname,
-            application_name: self.application_name.clone(),
-            connect_timeout: self.connect_timeout,
-            max_frame_bytes: self.max_frame_bytes,
-            tls: ep.tls,
-        })
+        let targets = self.chosen(&ep.targets)?;
+        let all = targets
+            .into_iter()
+            .map(|t| crate::replication::ConnectConfig {
+                host: t.host.clone(),
+                port: t.port,
+                user: ep.user.clone(),
+                password: ep.password.clone(),
+                dbname: ep.dbname.clone(),
+                application_name: self.application_name.clone(),
+                connect_timeout: self.connect_timeout,
+                max_frame_bytes: self.max_frame_bytes,
+                tls: crate::replication::TlsOptions {
+                    server_name: t.server_name.clone(),
+                    ..ep.tls.clone()
+                },
+            })
+            .collect();
+        Ok((all, ep.session_attrs))
+    }
+
+    /// The URL's hosts, or only the pinned one.
+    fn chosen<'a>(
+        &self,
+        targets: &'a [conninfo::Target],
+    ) -> Result<Vec<&'a conninfo::Target>, ConfigError> {
+        match self.pinned_host {
+            None => Ok(targets.iter().collect()),
+            Some(i) => targets.get(i).map(|t| vec![t]).ok_or_else(|| {
+                ConfigError::Invalid(vec![Problem::new(
+                    format!("postgres.url has no host number {}", i + 1),
+                    "this is a bug: the relay pinned a host the URL does not list",
+                )])
+            }),
+        }
+    }
+
+    /// How many hosts the URL lists.
+    pub fn host_count(&self) -> usize {
+        conninfo::parse(&self.url, self.password.as_deref())
+            .ok()
+            .and_then(|ci| conninfo::endpoint(&ci).ok())
+            .map_or(1, |ep| ep.targets.len())
+    }
+
+    /// This configuration with every connection going to host number `index`
+    /// (0-based) of the URL: how the relay keeps its SQL and replication
+    /// connections on the one server it chose.
+    pub fn pinned_to(&self, index: usize) -> PostgresConfig {
+        PostgresConfig {
+            pinned_host: Some(index),
+            ..self.clone()
+        }
     }
 
     /// How both connections use TLS: the URL's `sslmode`, `sslrootcert`,
-    /// `sslcert`, `sslkey`, `sslnegotiation` and `channel_binding` (libpq meanings).
+    /// `sslcert`, `sslkey`, `sslnegotiation` and `channel_binding` (libpq meanings),
+    /// checked against the first (or pinned) host's name.
     pub fn tls_options(&self) -> Result<crate::replication::TlsOptions, ConfigError> {
         Ok(self.replication_connect_config()?.tls)
     }
 
     /// A `tokio_postgres` configuration for ordinary SQL (checks, status) against the
     /// same server, with the password override, `application_name` and timeout.
+    /// With several hosts, the first (or pinned) one: [`crate::sql::connect`] goes
+    /// through [`sql_targets`](Self::sql_targets) to choose.
     pub fn sql_config(&self) -> Result<tokio_postgres::Config, ConfigError> {
-        let mut pg = conninfo::parse(&self.url, self.password.as_deref())
-            .map_err(|p| ConfigError::Invalid(vec![p]))?
-            .pg;
-        pg.application_name(&self.application_name);
-        pg.connect_timeout(self.connect_timeout);
-        // tokio-postgres wants a host name for TLS; with only `hostaddr` the
-        // certificate is checked against the address, as on the replication side.
-        if pg.get_hosts().is_empty() {
-            if let Some(addr) = pg.get_hostaddrs().first().copied() {
-                pg.host(addr.to_string());
-            }
-        }
-        Ok(pg)
+        Ok(self.sql_targets()?.0.swap_remove(0).0)
+    }
+
+    /// One SQL configuration (and its TLS options) per host the URL lists, in
+    /// order (only the pinned one once pinned), and `target_session_attrs`.
+    #[allow(clippy::type_complexity)]
+    pub fn sql_targets(
+        &self,
+    ) -> Result<
+        (
+            Vec<(tokio_postgres::Config, crate::replication::TlsOptions)>,
+            conninfo::SessionAttrs,
+        ),
+        ConfigError,
+    > {
+        let ci = conninfo::parse(&self.url, self.password.as_deref())
+            .map_err(|p| ConfigError::Invalid(vec![p]))?;
+        let ep = conninfo::endpoint(&ci).map_err(ConfigError::Invalid)?;
+        let all = self
+            .chosen(&ep.targets)?
+            .into_iter()
+            .map(|t| {
+                let mut pg = conninfo::single_host(&ci.pg, t);
+                pg.application_name(&self.application_name);
+                pg.connect_timeout(self.connect_timeout);
+                let tls = crate::replication::TlsOptions {
+                    server_name: t.server_name.clone(),
+                    ..ep.tls.clone()
+                };
+                (pg, tls)
+            })
+            .collect();
+        Ok((all, ep.session_attrs))
     }
 
     /// The URL with passwords replaced by `<redacted>`, for logs and messages.
@@ -445,6 +536,8 @@ impl fmt::Debug for PostgresConfig {
             .field("table", &self.table)
             .field("create_slot", &self.create_slot)
             .field("create_publication", &self.create_publication)
+            .field("failover_slot", &self.failover_slot)
+            .field("pinned_host", &self.pinned_host)
             .field("application_name", &self.application_name)
             .field("status_interval", &self.status_interval)
             .field("connect_timeout", &self.connect_timeout)

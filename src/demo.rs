@@ -163,6 +163,7 @@ async fn write_events(cfg: Config, rate: u32, stop: CancellationToken) -> Result
         .map_err(|e| match e {
             crate::sql::SqlConnectError::Postgres(e) => DemoError::Writer(e),
             crate::sql::SqlConnectError::Config(e) => DemoError::Config(e.to_string()),
+            crate::sql::SqlConnectError::NoServer(e) => DemoError::Config(e),
         })?;
     let table = cfg.postgres.table.to_string();
     let insert = client

@@ -56,6 +56,7 @@ pub mod ack;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod failover;
 pub mod http;
 pub mod kafka;
 pub mod lsn;

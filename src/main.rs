@@ -215,6 +215,10 @@ fn fail_connect(cfg: &Config, e: outbox_relay::sql::SqlConnectError, code: u8) -
             );
             ExitCode::from(code)
         }
+        outbox_relay::sql::SqlConnectError::NoServer(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(code)
+        }
     }
 }
 
@@ -346,7 +350,10 @@ async fn status(
         Err(e) => return fail_connect(&cfg, e, EXIT_UNREADABLE),
     };
     match status::collect(&client, &cfg.postgres.slot, &cfg.postgres.publication).await {
-        Ok(s) => {
+        Ok(mut s) => {
+            s.failover = outbox_relay::failover::readiness(&cfg, &client, client.host)
+                .await
+                .ok();
             if json {
                 println!("{}", status::render_json(&s));
             } else {
@@ -386,9 +393,24 @@ async fn check(cfg: Config) -> ExitCode {
             );
             return ExitCode::from(EXIT_FAILURE);
         }
+        Err(outbox_relay::sql::SqlConnectError::NoServer(e)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
     };
     match setup::diagnose(&cfg, &client).await {
         Ok(mut problems) => {
+            // Failover readiness: notes (run proceeds without it).
+            match outbox_relay::failover::readiness(&cfg, &client, client.host).await {
+                Ok(r) => problems.extend(r.findings),
+                Err(e) => problems.push(outbox_relay::config::Problem::info(
+                    format!(
+                        "cannot read the failover readiness: {}",
+                        setup::describe_pg_error(&e)
+                    ),
+                    "grant the relay's role pg_monitor (pg_stat_replication, settings)",
+                )),
+            }
             problems.extend(setup::diagnose_kafka(&cfg).await);
             if problems.is_empty() {
                 println!("ok: configuration, PostgreSQL and Kafka are ready for the relay");

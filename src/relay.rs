@@ -150,6 +150,8 @@ pub enum RelayError {
     SlotCreationRace(String),
     #[error("PostgreSQL sent nothing for {0:?} although asked for keepalives, longer than its wal_sender_timeout allows a live walsender; the connection is presumed dead")]
     ServerSilent(Duration),
+    #[error("no usable PostgreSQL server: {0}; retrying (during a failover, until a standby is promoted)")]
+    NoServer(String),
     #[error("{gap}. {loss}. The relay stops rather than create a new slot and stream past the gap. After the backfill, drop the stale slot if one is left and start the relay again: a new process creates the slot and starts from the current WAL position")]
     SlotGap {
         /// What changed ([`identity::Gap::describe`]).
@@ -238,7 +240,8 @@ impl RelayError {
             | RelayError::StreamEnded
             | RelayError::SlotCreationRace(_)
             | RelayError::ServerShuttingDown { .. }
-            | RelayError::ServerSilent(_) => Retry,
+            | RelayError::ServerSilent(_)
+            | RelayError::NoServer(_) => Retry,
         }
     }
 
@@ -482,14 +485,20 @@ impl Relay {
     async fn session(&mut self) -> Result<SessionEnd, RelayError> {
         self.generation += 1;
         let generation = self.generation;
-        let cfg = self.cfg.clone();
-        let pg = &cfg.postgres;
+        let mut cfg = self.cfg.clone();
 
-        // Ordinary SQL: checks, publication, slot state.
-        let client = crate::sql::connect(pg).await.map_err(|e| match e {
-            crate::sql::SqlConnectError::Config(e) => RelayError::Config(e.to_string()),
-            crate::sql::SqlConnectError::Postgres(e) => RelayError::Sql(e),
-        })?;
+        // Ordinary SQL: checks, publication, slot state. With several hosts in
+        // the URL this chooses the server (target_session_attrs); every other
+        // connection of the session is pinned to it.
+        let client = crate::sql::connect(&cfg.postgres)
+            .await
+            .map_err(|e| match e {
+                crate::sql::SqlConnectError::Config(e) => RelayError::Config(e.to_string()),
+                crate::sql::SqlConnectError::Postgres(e) => RelayError::Sql(e),
+                crate::sql::SqlConnectError::NoServer(e) => RelayError::NoServer(e),
+            })?;
+        cfg.postgres = cfg.postgres.pinned_to(client.host);
+        let pg = &cfg.postgres;
         if !self.started {
             let problems = setup::preflight(&cfg, &client).await?;
             if !problems.is_empty() {
@@ -505,6 +514,19 @@ impl Relay {
             .map_err(|e| RelayError::Config(e.to_string()))?;
         let mut repl = ReplicationClient::connect(&connect).await?;
         let version = repl.server_version_num();
+        let (_, attrs) = pg
+            .replication_targets()
+            .map_err(|e| RelayError::Config(e.to_string()))?;
+        if attrs != crate::config::SessionAttrs::Any {
+            // The server may have changed role since the SQL connection chose it.
+            let role = crate::failover::replication_role(&mut repl).await?;
+            if !role.satisfies(attrs) {
+                return Err(RelayError::NoServer(format!(
+                    "{}:{} became {role} after it was chosen as {attrs}",
+                    connect.host, connect.port
+                )));
+            }
+        }
 
         // Is this the server, and the slot, this process streamed from before?
         let system = repl.identify_system().await?;
@@ -516,8 +538,36 @@ impl Relay {
         let failover = facts::slot_failover(&client, &pg.slot, version).await?;
         self.metrics
             .server_identity(&server.system_id, server.timeline);
+        let was = self.memory.server.clone();
         if let Err(gap) = self.memory.check_server(&server, failover) {
             return Err(self.gap(gap));
+        }
+        if let Some(was) = was.filter(|w| w.timeline != server.timeline) {
+            // Followed a promotion with a failover slot: only if the new
+            // timeline's history holds everything this process confirmed.
+            let history = repl.timeline_history(server.timeline).await?;
+            if let Err(gap) = self
+                .memory
+                .check_fork(was.timeline, server.timeline, &history)
+            {
+                self.memory.server = Some(was);
+                return Err(self.gap(gap));
+            }
+            tracing::warn!(
+                from_timeline = was.timeline,
+                to_timeline = server.timeline,
+                host = %connect.host,
+                port = connect.port,
+                "followed a failover: the failover slot carried over to the promoted server; transactions after its confirmed position come again (duplicates, same ids)"
+            );
+        }
+        if self.memory.slot_seen || self.started {
+            // This process knows the slot; the checks above judged it.
+        } else if let Some(gap) = self
+            .lost_in_failover(&client, &server, &repl_db, slot.is_some() && failover)
+            .await
+        {
+            return Err(gap);
         }
         let confirmed = match slot {
             Some(s) => {
@@ -541,13 +591,14 @@ impl Relay {
                     return Err(self.gap(gap));
                 }
                 let created = repl
-                    .create_logical_slot(&pg.slot)
+                    .create_logical_slot_with(&pg.slot, pg.failover_slot)
                     .await
                     .map_err(|e| slot_creation_error(e, &pg.slot))?;
                 self.memory.slot_seen = true;
                 tracing::warn!(
                     slot = %pg.slot,
                     consistent_point = %created.consistent_point,
+                    failover_slot = version >= 170000 && pg.failover_slot,
                     "created replication slot: events are relayed from transactions committing after this position; anything committed before it is not (use table replay for older rows)"
                 );
                 created.consistent_point
@@ -614,7 +665,7 @@ impl Relay {
         // Durable progress: for the live relay (replay neither skips nor records).
         let (skip_below, progress_tx, _writer) = if self.opts.confirm && self.opts.end_lsn.is_none()
         {
-            self.durable_progress(&client, &server, repl_db, confirmed)
+            self.durable_progress(pg, &client, &server, repl_db, confirmed)
                 .await
         } else {
             (Lsn::ZERO, None, None)
@@ -738,6 +789,7 @@ impl Relay {
     /// say so once and run without: duplicates are then bounded by the slot.
     async fn durable_progress(
         &mut self,
+        pg: &crate::config::PostgresConfig,
         client: &crate::sql::SqlConnection,
         server: &identity::ServerIdentity,
         database: String,
@@ -747,7 +799,6 @@ impl Relay {
         Option<tokio::sync::watch::Sender<Lsn>>,
         Option<AbortOnDrop>,
     ) {
-        let pg = &self.cfg.postgres;
         let owner = progress::Owner {
             slot: pg.slot.clone(),
             database,
@@ -795,6 +846,44 @@ impl Relay {
         }
         let writer = tokio::spawn(progress::writer(pg.clone(), pg.table.clone(), owner, rx));
         (skip_below, Some(tx), Some(AbortOnDrop(writer)))
+    }
+
+    /// A process that never saw its slot, on a server promoted since the
+    /// progress table last recorded the slot on this cluster: the slot did not
+    /// come through the promotion unless it is a failover slot (`carried`).
+    async fn lost_in_failover(
+        &self,
+        client: &crate::sql::SqlConnection,
+        server: &identity::ServerIdentity,
+        database: &str,
+        carried: bool,
+    ) -> Option<RelayError> {
+        let pg = &self.cfg.postgres;
+        let (system_id, timeline, recorded, at) =
+            progress::read_any(client, &pg.table, &pg.slot, database).await?;
+        if carried || system_id != server.system_id || timeline >= server.timeline {
+            return None;
+        }
+        let forget = format!(
+            "DELETE FROM {} WHERE slot_name = {}",
+            progress::table_name(&pg.table),
+            crate::config::quote_literal(&pg.slot)
+        );
+        let from = at.checked_sub(Duration::from_secs(60)).unwrap_or(at);
+        Some(RelayError::SlotGap {
+            gap: identity::Gap::LostInFailover {
+                recorded_timeline: timeline,
+                now: server.timeline,
+                recorded,
+                forget,
+            }
+            .describe(&pg.slot),
+            loss: format!(
+                "The relay had acknowledged everything up to {recorded} by {}; events committed after that may be missing from Kafka: backfill them from the outbox table with `outbox-relay replay --from-time {}` (a minute of margin; consumers deduplicate by id)",
+                humantime::format_rfc3339_seconds(at),
+                humantime::format_rfc3339_seconds(from),
+            ),
+        })
     }
 
     /// The fatal error for a gap, naming what was delivered and the backfill.

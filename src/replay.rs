@@ -102,6 +102,7 @@ impl From<sql::SqlConnectError> for ReplayError {
         match e {
             sql::SqlConnectError::Postgres(e) => e.into(),
             sql::SqlConnectError::Config(e) => ReplayError::Config(e.to_string()),
+            sql::SqlConnectError::NoServer(e) => ReplayError::Sql(e),
         }
     }
 }

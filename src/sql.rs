@@ -15,13 +15,15 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::task::JoinHandle;
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
 
-use crate::config::{ConfigError, PostgresConfig, Problem};
+use crate::config::{ConfigError, PostgresConfig, Problem, SessionAttrs};
 use crate::replication::tls::{self, SslMode, TlsOptions};
 
 /// A client plus the task driving its connection; dropping it closes both.
 pub struct SqlConnection {
     pub client: tokio_postgres::Client,
     task: JoinHandle<()>,
+    /// Which host of the URL (0-based) this connection reached.
+    pub host: usize,
 }
 
 impl Drop for SqlConnection {
@@ -44,17 +46,110 @@ pub enum SqlConnectError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Postgres(#[from] tokio_postgres::Error),
+    /// Several hosts, none of them right for `target_session_attrs` (or none
+    /// reachable): during a failover, until a standby is promoted.
+    #[error("{0}")]
+    NoServer(String),
 }
 
-/// Open an ordinary SQL connection as configured.
+/// Open an ordinary SQL connection as configured. With several hosts in the
+/// URL they are tried in order and the first that satisfies
+/// `target_session_attrs` is kept ([`SqlConnection::host`] says which); the
+/// relay then pins the others to it ([`PostgresConfig::pinned_to`]).
 pub async fn connect(cfg: &PostgresConfig) -> Result<SqlConnection, SqlConnectError> {
-    let config = cfg.sql_config()?;
-    let opts = cfg.tls_options()?;
+    let (targets, attrs) = cfg.sql_targets()?;
+    let single = targets.len() == 1;
+    let mut refused = Vec::new();
+    let mut last = None;
+    let mut wrong_role = false;
+    for (i, (config, opts)) in targets.into_iter().enumerate() {
+        let index = cfg.pinned_host.unwrap_or(i);
+        let conn = match connect_one(&config, &opts).await {
+            Ok(mut c) => {
+                c.host = index;
+                c
+            }
+            // One host: its own error, as before multi-host URLs.
+            Err(e) if single && attrs == SessionAttrs::Any => return Err(e),
+            Err(e) => {
+                refused.push(format!("{}: {}", host_label(&config), describe(&e)));
+                last = Some(e);
+                continue;
+            }
+        };
+        if attrs == SessionAttrs::Any {
+            return Ok(conn);
+        }
+        match crate::failover::sql_role(&conn.client).await {
+            Ok(role) if role.satisfies(attrs) => return Ok(conn),
+            Ok(role) => {
+                wrong_role = true;
+                refused.push(format!("{}: {role}", host_label(&config)));
+            }
+            Err(e) => refused.push(format!(
+                "{}: {}",
+                host_label(&config),
+                crate::setup::describe_pg_error(&e)
+            )),
+        }
+    }
+    // No server answered with the wrong role: the last connection error
+    // keeps its own meaning (a refused password is fatal, a refused
+    // connection retried), as with one host. A configuration error is the
+    // same for every host.
+    if !wrong_role {
+        if let Some(e) = last {
+            return Err(e);
+        }
+    }
+    Err(SqlConnectError::NoServer(format!(
+        "no server listed in postgres.url is {attrs}: {}",
+        refused.join("; ")
+    )))
+}
+
+/// A connection to host number `index` of the URL whatever its role (the
+/// failover report reads the standbys of a `target_session_attrs=read-write`
+/// URL).
+pub async fn connect_host(
+    cfg: &PostgresConfig,
+    index: usize,
+) -> Result<SqlConnection, SqlConnectError> {
+    let (mut targets, _) = cfg.pinned_to(index).sql_targets()?;
+    let (config, opts) = targets.swap_remove(0);
+    let mut conn = connect_one(&config, &opts).await?;
+    conn.host = index;
+    Ok(conn)
+}
+
+fn host_label(config: &tokio_postgres::Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => "?".into(),
+    };
+    format!(
+        "{host}:{}",
+        config.get_ports().first().copied().unwrap_or(5432)
+    )
+}
+
+fn describe(e: &SqlConnectError) -> String {
+    match e {
+        SqlConnectError::Postgres(e) => crate::setup::describe_pg_error(e),
+        other => other.to_string(),
+    }
+}
+
+/// One connection to one server.
+async fn connect_one(
+    config: &tokio_postgres::Config,
+    opts: &TlsOptions,
+) -> Result<SqlConnection, SqlConnectError> {
     let (client, task) = if opts.mode == SslMode::Disable {
         let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
         (client, spawn(connection))
     } else {
-        let connector = RustlsConnect::new(&opts).map_err(|e| {
+        let connector = RustlsConnect::new(opts).map_err(|e| {
             ConfigError::Invalid(vec![Problem::new(
                 format!("PostgreSQL TLS: {e}"),
                 "fix the sslrootcert / sslcert / sslkey paths in postgres.url, or the files' \
@@ -64,7 +159,11 @@ pub async fn connect(cfg: &PostgresConfig) -> Result<SqlConnection, SqlConnectEr
         let (client, connection) = config.connect(connector).await?;
         (client, spawn(connection))
     };
-    Ok(SqlConnection { client, task })
+    Ok(SqlConnection {
+        client,
+        task,
+        host: 0,
+    })
 }
 
 /// A TLS handshake refused for a reason an operator must fix: the server

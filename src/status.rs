@@ -79,6 +79,9 @@ pub struct SlotStatus {
     /// either changes under it without a failover slot. `None` when the role
     /// may not read them.
     pub identity: Option<SlotIdentity>,
+    /// Whether a failover would carry the slot over ([`crate::failover`]);
+    /// filled in by the `status` command, `None` when not read.
+    pub failover: Option<crate::failover::Readiness>,
 }
 
 /// The cluster and timeline a slot lives on, and whether it follows a failover.
@@ -257,6 +260,7 @@ pub async fn collect(
     let identity = slot_identity(client, slot, version_num).await;
     Ok(SlotStatus {
         identity,
+        failover: None,
         server_version_num: version_num,
         server_version: server.get(1),
         in_recovery: server.get(2),

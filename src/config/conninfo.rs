@@ -24,6 +24,10 @@ pub(crate) struct SslParams {
     pub key: Option<String>,
     /// `sslpassword`: only noted, to refuse it with a reason.
     pub key_password: bool,
+    /// `target_session_attrs`, also taken out: libpq knows more values than
+    /// tokio-postgres, and the relay chooses the server itself (see
+    /// [`crate::failover`]).
+    pub session_attrs: Option<String>,
 }
 
 /// `postgres.url`, parsed: tokio-postgres' view (with `sslmode` mapped onto its
@@ -87,6 +91,7 @@ pub(crate) fn split_ssl_params(url: &str) -> Option<(String, SslParams)> {
             "sslcert" => ssl.cert = Some(value),
             "sslkey" => ssl.key = Some(value),
             "sslpassword" => ssl.key_password = true,
+            "target_session_attrs" => ssl.session_attrs = Some(value),
             _ => return false,
         }
         true
@@ -147,8 +152,12 @@ fn percent_decode(s: &str) -> Option<String> {
 /// goes to the same place.
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) struct Endpoint {
+    /// The first host (the one when there is only one).
     pub host: String,
     pub port: u16,
+    /// Every host of the URL, in the order libpq tries them.
+    pub targets: Vec<Target>,
+    pub session_attrs: SessionAttrs,
     pub user: String,
     pub password: Option<String>,
     pub dbname: String,
@@ -160,6 +169,8 @@ impl std::fmt::Debug for Endpoint {
         f.debug_struct("Endpoint")
             .field("host", &self.host)
             .field("port", &self.port)
+            .field("targets", &self.targets)
+            .field("session_attrs", &self.session_attrs)
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("dbname", &self.dbname)
@@ -195,17 +206,29 @@ pub(crate) fn endpoint(ci: &Conninfo) -> Result<Endpoint, Vec<Problem>> {
             "use a TCP host, e.g. postgres://USER@127.0.0.1:5432/DBNAME",
         ));
     }
-    let count = hosts.len().max(pg.get_hostaddrs().len());
-    if count > 1 || pg.get_ports().len() > 1 {
-        problems.push(Problem::new(
-            format!(
-                "postgres.url lists {} hosts or ports",
-                count.max(pg.get_ports().len())
-            ),
-            "list only the primary: the relay's checks and its replication connection must \
-             reach the same server",
-        ));
-    }
+    let targets = targets(pg, &mut problems);
+    let session_attrs = match ci.ssl.session_attrs.as_deref() {
+        None => SessionAttrs::Any,
+        Some(v) => match SessionAttrs::parse(v) {
+            Some(a) if a.for_the_primary() => a,
+            Some(a) => {
+                problems.push(Problem::new(
+                    format!("postgres.url has target_session_attrs={a}"),
+                    "the relay streams from the primary (it creates its slot and records its \
+                     progress there): use target_session_attrs=read-write or primary, or \
+                     leave it out",
+                ));
+                SessionAttrs::Any
+            }
+            None => {
+                problems.push(Problem::new(
+                    format!("postgres.url has an unknown target_session_attrs {v:?}"),
+                    "use read-write or primary (or any, the default)",
+                ));
+                SessionAttrs::Any
+            }
+        },
+    };
     let tls = tls_options(ci, &mut problems);
     let user = pg.get_user().filter(|u| !u.is_empty());
     if user.is_none() {
@@ -228,22 +251,20 @@ pub(crate) fn endpoint(ci: &Conninfo) -> Result<Endpoint, Vec<Problem>> {
     if !problems.is_empty() {
         return Err(problems);
     }
-    // A `hostaddr` skips name resolution; libpq connects to it, so do we. The
-    // certificate is still checked against `host` when there is one.
-    let (host, server_name) = match (pg.get_hostaddrs().first(), hosts.first()) {
-        (Some(addr), Some(Host::Tcp(h))) => (addr.to_string(), h.clone()),
-        (Some(addr), _) => (addr.to_string(), addr.to_string()),
-        (None, Some(Host::Tcp(h))) => (h.clone(), h.clone()),
-        (None, _) => unreachable!("no host and Unix hosts were rejected above"),
-    };
+    let first = targets
+        .first()
+        .cloned()
+        .expect("a URL without a TCP host was rejected above");
     let tls = TlsOptions {
-        server_name,
+        server_name: first.server_name.clone(),
         ..tls.expect("TLS problems were reported above")
     };
     let user = user.expect("a missing user was rejected above").to_string();
     Ok(Endpoint {
-        host,
-        port: pg.get_ports().first().copied().unwrap_or(5432),
+        host: first.host,
+        port: first.port,
+        targets,
+        session_attrs,
         // libpq's default: the database named like the user.
         dbname: pg
             .get_dbname()
@@ -254,6 +275,167 @@ pub(crate) fn endpoint(ci: &Conninfo) -> Result<Endpoint, Vec<Problem>> {
         password,
         tls,
     })
+}
+
+/// One server of a (multi-host) URL: where to connect and the name its
+/// certificate is checked against.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Target {
+    pub host: String,
+    pub port: u16,
+    pub server_name: String,
+}
+
+/// libpq's `target_session_attrs`: which of the listed servers to settle on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SessionAttrs {
+    /// The first server that accepts the connection.
+    #[default]
+    Any,
+    /// Not in recovery and `default_transaction_read_only = off`.
+    ReadWrite,
+    /// Not in recovery (hot standby).
+    Primary,
+    /// The opposites, accepted by the parser so the error can name them.
+    ReadOnly,
+    Standby,
+    PreferStandby,
+}
+
+impl SessionAttrs {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "any" => SessionAttrs::Any,
+            "read-write" => SessionAttrs::ReadWrite,
+            "primary" => SessionAttrs::Primary,
+            "read-only" => SessionAttrs::ReadOnly,
+            "standby" => SessionAttrs::Standby,
+            "prefer-standby" => SessionAttrs::PreferStandby,
+            _ => return None,
+        })
+    }
+
+    /// Whether a relay may use it: the relay needs the primary.
+    pub fn for_the_primary(self) -> bool {
+        matches!(
+            self,
+            SessionAttrs::Any | SessionAttrs::ReadWrite | SessionAttrs::Primary
+        )
+    }
+
+    /// Whether a server with these properties is acceptable (libpq's rules;
+    /// `read_only` is `default_transaction_read_only`).
+    pub fn accepts(self, in_hot_standby: bool, read_only: bool) -> bool {
+        match self {
+            SessionAttrs::Any | SessionAttrs::PreferStandby => true,
+            SessionAttrs::ReadWrite => !in_hot_standby && !read_only,
+            SessionAttrs::Primary => !in_hot_standby,
+            SessionAttrs::ReadOnly => in_hot_standby || read_only,
+            SessionAttrs::Standby => in_hot_standby,
+        }
+    }
+}
+
+impl std::fmt::Display for SessionAttrs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SessionAttrs::Any => "any",
+            SessionAttrs::ReadWrite => "read-write",
+            SessionAttrs::Primary => "primary",
+            SessionAttrs::ReadOnly => "read-only",
+            SessionAttrs::Standby => "standby",
+            SessionAttrs::PreferStandby => "prefer-standby",
+        })
+    }
+}
+
+/// The servers of the URL in order, pairing hosts, `hostaddr`s and ports as
+/// libpq does (one port for all, or one per host).
+fn targets(pg: &tokio_postgres::Config, problems: &mut Vec<Problem>) -> Vec<Target> {
+    let hosts = pg.get_hosts();
+    let addrs = pg.get_hostaddrs();
+    let ports = pg.get_ports();
+    let count = hosts.len().max(addrs.len());
+    if !hosts.is_empty() && !addrs.is_empty() && hosts.len() != addrs.len() {
+        problems.push(Problem::new(
+            format!(
+                "postgres.url lists {} hosts but {} hostaddrs",
+                hosts.len(),
+                addrs.len()
+            ),
+            "give one hostaddr per host, or leave hostaddr out",
+        ));
+        return Vec::new();
+    }
+    if ports.len() > 1 && ports.len() != count {
+        problems.push(Problem::new(
+            format!("postgres.url lists {count} hosts but {} ports", ports.len()),
+            "give one port for all hosts, or one per host (host=h1,h2 port=5432,5433)",
+        ));
+        return Vec::new();
+    }
+    (0..count)
+        .filter_map(|i| {
+            let port = match ports.len() {
+                0 => 5432,
+                1 => ports[0],
+                _ => ports[i],
+            };
+            // A `hostaddr` skips name resolution; libpq connects to it, so do we.
+            // The certificate is still checked against `host` when there is one.
+            let (host, server_name) = match (addrs.get(i), hosts.get(i)) {
+                (Some(addr), Some(Host::Tcp(h))) => (addr.to_string(), h.clone()),
+                (Some(addr), _) => (addr.to_string(), addr.to_string()),
+                (None, Some(Host::Tcp(h))) => (h.clone(), h.clone()),
+                (None, _) => return None, // Unix sockets are rejected by the caller
+            };
+            Some(Target {
+                host,
+                port,
+                server_name,
+            })
+        })
+        .collect()
+}
+
+/// `pg` reduced to the one server `target` (tokio-postgres would otherwise try
+/// every host itself, and maybe reach another server than the relay chose).
+pub(crate) fn single_host(pg: &tokio_postgres::Config, target: &Target) -> tokio_postgres::Config {
+    let mut one = tokio_postgres::Config::new();
+    one.host(&target.host).port(target.port);
+    if let Some(u) = pg.get_user() {
+        one.user(u);
+    }
+    if let Some(p) = pg.get_password() {
+        one.password(p);
+    }
+    if let Some(d) = pg.get_dbname() {
+        one.dbname(d);
+    }
+    if let Some(o) = pg.get_options() {
+        one.options(o);
+    }
+    if let Some(a) = pg.get_application_name() {
+        one.application_name(a);
+    }
+    if let Some(t) = pg.get_connect_timeout() {
+        one.connect_timeout(*t);
+    }
+    if let Some(t) = pg.get_tcp_user_timeout() {
+        one.tcp_user_timeout(*t);
+    }
+    one.ssl_mode(pg.get_ssl_mode())
+        .ssl_negotiation(pg.get_ssl_negotiation())
+        .channel_binding(pg.get_channel_binding())
+        .keepalives(pg.get_keepalives())
+        .keepalives_idle(pg.get_keepalives_idle());
+    if let Some(i) = pg.get_keepalives_interval() {
+        one.keepalives_interval(i);
+    }
+    if let Some(r) = pg.get_keepalives_retries() {
+        one.keepalives_retries(r);
+    }
+    one
 }
 
 /// The TLS settings of the URL, checked; `None` after pushing what is wrong.
@@ -557,6 +739,12 @@ mod tests {
         let want = Endpoint {
             host: "db.example".into(),
             port: 6432,
+            targets: vec![Target {
+                host: "db.example".into(),
+                port: 6432,
+                server_name: "db.example".into(),
+            }],
+            session_attrs: SessionAttrs::Any,
             user: "relay".into(),
             password: Some("pw".into()),
             dbname: "app".into(),
@@ -667,8 +855,11 @@ mod tests {
         assert!(text[0].contains("Unix-domain socket") && text[0].contains("use a TCP host"));
         assert!(text[1].contains("unknown sslmode \"bogus\""));
         assert!(text[2].contains("no user"));
-        let problems = ep("postgres://relay@a,b/app").unwrap_err();
-        assert!(problems[0].to_string().contains("2 hosts"));
+        // Several hosts are tried in order (libpq's multi-host URLs).
+        assert_eq!(ep("postgres://relay@a,b/app").unwrap().targets.len(), 2);
+        let problems = ep("host=a,b port=1,2,3 user=relay").unwrap_err();
+        let text = problems[0].to_string();
+        assert!(text.contains("2 hosts but 3 ports"), "{text}");
         assert!(ep("user=relay").unwrap_err()[0]
             .to_string()
             .contains("no host"));

@@ -40,6 +40,8 @@ pub struct PostgresLayer {
     pub table: Option<TableName>,
     pub create_slot: Option<bool>,
     pub create_publication: Option<bool>,
+    /// PostgreSQL 17+: create the slot with `FAILOVER` (synchronised to standbys).
+    pub failover_slot: Option<bool>,
     pub application_name: Option<String>,
     #[serde(default, deserialize_with = "units::de_opt_duration")]
     pub status_interval: Option<Duration>,
@@ -60,6 +62,7 @@ impl fmt::Debug for PostgresLayer {
             .field("table", &self.table)
             .field("create_slot", &self.create_slot)
             .field("create_publication", &self.create_publication)
+            .field("failover_slot", &self.failover_slot)
             .field("application_name", &self.application_name)
             .field("status_interval", &self.status_interval)
             .field("connect_timeout", &self.connect_timeout)
@@ -242,6 +245,7 @@ impl Layer {
                 table: t.table.or(p.table),
                 create_slot: t.create_slot.or(p.create_slot),
                 create_publication: t.create_publication.or(p.create_publication),
+                failover_slot: t.failover_slot.or(p.failover_slot),
                 application_name: t.application_name.or(p.application_name),
                 status_interval: t.status_interval.or(p.status_interval),
                 connect_timeout: t.connect_timeout.or(p.connect_timeout),
@@ -385,6 +389,8 @@ impl Config {
                 table: p.table.unwrap_or_default(),
                 create_slot: p.create_slot.unwrap_or(DEFAULT_CREATE_SLOT),
                 create_publication: p.create_publication.unwrap_or(DEFAULT_CREATE_PUBLICATION),
+                failover_slot: p.failover_slot.unwrap_or(DEFAULT_FAILOVER_SLOT),
+                pinned_host: None,
                 application_name: p
                     .application_name
                     .or(url_app)

@@ -48,6 +48,30 @@ pub enum Gap {
     /// The server was promoted (or restored) onto another timeline and the
     /// slot there is not a failover slot: it is not the one we confirmed to.
     Timeline { was: u32, now: u32 },
+    /// The server was promoted from a standby whose history left timeline
+    /// `was` at `fork`, before the position this process had confirmed: the
+    /// transactions in between reached Kafka, but this server never got them,
+    /// and its slot cannot be trusted to line up with what was delivered.
+    Forked {
+        was: u32,
+        now: u32,
+        fork: Lsn,
+        confirmed: Lsn,
+    },
+    /// The new timeline's history does not come from the one this process
+    /// streamed on.
+    NotDescended { was: u32, now: u32 },
+    /// A process that never saw the slot, on a promoted server: the progress
+    /// table (replicated from the old primary) records that the slot existed
+    /// on an earlier timeline of this cluster, and the slot here is missing
+    /// or not a failover slot, so it did not come through the promotion.
+    LostInFailover {
+        recorded_timeline: u32,
+        now: u32,
+        recorded: Lsn,
+        /// `DELETE …` of the progress row, for after the backfill.
+        forget: String,
+    },
 }
 
 impl Memory {
@@ -76,6 +100,26 @@ impl Memory {
             self.server = Some(now.clone());
         }
         Ok(())
+    }
+
+    /// The server moved from timeline `was` (of the same system) to a new one,
+    /// with a failover slot: does its history (the `TIMELINE_HISTORY` file of
+    /// the new timeline) hold everything this process confirmed? A synced slot
+    /// behind what was confirmed is fine (those transactions come again:
+    /// duplicates); a fork below it is not.
+    pub fn check_fork(&self, was: u32, now: u32, history: &str) -> Result<(), Gap> {
+        let Some(fork) = fork_point(history, was) else {
+            return Err(Gap::NotDescended { was, now });
+        };
+        match self.confirmed {
+            Some(confirmed) if confirmed > fork => Err(Gap::Forked {
+                was,
+                now,
+                fork,
+                confirmed,
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// The slot is missing: may this session create it?
@@ -125,9 +169,34 @@ impl Memory {
     }
 }
 
+/// Where timeline `tli` ended, from a timeline history file (lines of
+/// `parent_tli<TAB>switchpoint<TAB>reason`); `None` if it is not an ancestor.
+pub fn fork_point(history: &str, tli: u32) -> Option<Lsn> {
+    history.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let parent: u32 = fields.next()?.parse().ok()?;
+        let lsn: Lsn = fields.next()?.parse().ok()?;
+        (parent == tli).then_some(lsn)
+    })
+}
+
 impl Gap {
     pub fn describe(&self, slot: &str) -> String {
         match self {
+            Gap::Forked { was, now, fork, confirmed } => format!(
+                "the server was promoted from a standby that left timeline {was} at {fork} (now timeline {now}), but the relay had confirmed up to {confirmed} on the old primary: transactions in {fork}..{confirmed} reached Kafka but this server never received them, so its slot {slot:?} does not line up with what was delivered (set synchronized_standby_slots on the primary so the relay never gets ahead of the standby)"
+            ),
+            Gap::LostInFailover {
+                recorded_timeline,
+                now,
+                recorded,
+                forget,
+            } => format!(
+                "the progress table records that slot {slot:?} delivered up to {recorded} on timeline {recorded_timeline} of this cluster, and the server is now on timeline {now} where the slot is missing or not a failover slot: the slot did not survive the promotion. After the backfill, forget the old slot ({forget}) so that a new one may be used"
+            ),
+            Gap::NotDescended { was, now } => format!(
+                "the server is on timeline {now}, whose history does not include timeline {was} the relay streamed on: its slot {slot:?} is not the one this relay confirmed to"
+            ),
             Gap::SlotGone => format!(
                 "replication slot {slot:?} is gone: it was dropped, or the server behind the address no longer has it (a failover to a server without the slot)"
             ),
@@ -180,6 +249,49 @@ mod tests {
         assert_eq!(m.check_server(&server("1", 2), true), Ok(()));
         // Followed: the new timeline is now the known one.
         assert_eq!(m.check_server(&server("1", 2), false), Ok(()));
+    }
+
+    #[test]
+    fn a_fork_at_or_after_the_confirmed_position_is_followed() {
+        // The history file of timeline 2 after a promotion at 0/3000060.
+        let history = "1\t0/3000060\tno recovery target specified\n";
+        assert_eq!(fork_point(history, 1), Some(Lsn(0x3000060)));
+        assert_eq!(fork_point(history, 2), None);
+        let mut m = Memory::default();
+        // Nothing confirmed yet: nothing can be missing.
+        assert_eq!(m.check_fork(1, 2, history), Ok(()));
+        m.note_confirmed(Lsn(0x3000060), None);
+        assert_eq!(m.check_fork(1, 2, history), Ok(()));
+        m.note_confirmed(Lsn(0x3000061), None);
+        assert_eq!(
+            m.check_fork(1, 2, history),
+            Err(Gap::Forked {
+                was: 1,
+                now: 2,
+                fork: Lsn(0x3000060),
+                confirmed: Lsn(0x3000061)
+            })
+        );
+        // Two promotions: timeline 3's file lists 1 and 2.
+        let history3 = "1\t0/3000060\tx\n2\t0/5000000\ty\n";
+        let mut m = Memory::default();
+        m.note_confirmed(Lsn(0x3000000), None);
+        assert_eq!(m.check_fork(1, 3, history3), Ok(()));
+        m.note_confirmed(Lsn(0x4000000), None);
+        assert!(m.check_fork(1, 3, history3).is_err());
+        assert_eq!(m.check_fork(2, 3, history3), Ok(()));
+        assert_eq!(
+            m.check_fork(4, 5, history3),
+            Err(Gap::NotDescended { was: 4, now: 5 })
+        );
+        assert!(Gap::Forked {
+            was: 1,
+            now: 2,
+            fork: Lsn(0x10),
+            confirmed: Lsn(0x20)
+        }
+        .describe("s")
+        .contains("0/10..0/20"));
     }
 
     #[test]

@@ -113,6 +113,37 @@ pub async fn read(
     Ok(row.and_then(|r| r.get::<_, String>(0).parse::<Lsn>().ok()))
 }
 
+/// The record of `slot` in `database`, whatever server it names: (system
+/// identifier, timeline, acknowledged position, when written). `None` without
+/// a record or a readable table.
+pub async fn read_any(
+    client: &SqlConnection,
+    outbox: &TableName,
+    slot: &str,
+    database: &str,
+) -> Option<(String, u32, Lsn, std::time::SystemTime)> {
+    let sql = format!(
+        "SELECT system_identifier, timeline, acknowledged_lsn::text, updated_at \
+         FROM {} WHERE slot_name = $1 AND database = $2",
+        table_name(outbox)
+    );
+    let exists = client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table_name(outbox)])
+        .await
+        .ok()?
+        .get::<_, bool>(0);
+    if !exists {
+        return None;
+    }
+    let row = client.query_opt(&sql, &[&slot, &database]).await.ok()??;
+    Some((
+        row.get(0),
+        u32::try_from(row.get::<_, i32>(1)).ok()?,
+        row.get::<_, String>(2).parse().ok()?,
+        row.get(3),
+    ))
+}
+
 /// Writes the latest acknowledged position sent on `positions`, at most every
 /// [`WRITE_INTERVAL`], on its own connection. Never moves the record back
 /// (`GREATEST`), so a slow write cannot undo a newer one. Ends when the

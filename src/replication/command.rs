@@ -40,9 +40,13 @@ pub(crate) fn quote_literal(value: &str) -> String {
 pub(crate) fn create_logical_slot(
     slot: &str,
     server_version_num: u32,
+    failover: bool,
 ) -> Result<String, ReplicationError> {
     validate_slot_name(slot)?;
-    let snapshot = if server_version_num >= 150_000 {
+    // PostgreSQL 17: `FAILOVER [ boolean ]` among the parenthesised options.
+    let snapshot = if server_version_num >= 170_000 && failover {
+        "(SNAPSHOT 'nothing', FAILOVER true)"
+    } else if server_version_num >= 150_000 {
         "(SNAPSHOT 'nothing')"
     } else {
         "NOEXPORT_SNAPSHOT"
@@ -186,14 +190,22 @@ mod tests {
     #[test]
     fn create_slot_text_depends_on_version() {
         assert_eq!(
-            create_logical_slot("outbox", 150004).unwrap(),
+            create_logical_slot("outbox", 150004, true).unwrap(),
             "CREATE_REPLICATION_SLOT \"outbox\" LOGICAL pgoutput (SNAPSHOT 'nothing')"
         );
         assert_eq!(
-            create_logical_slot("outbox", 140010).unwrap(),
+            create_logical_slot("outbox", 140010, false).unwrap(),
             "CREATE_REPLICATION_SLOT \"outbox\" LOGICAL pgoutput NOEXPORT_SNAPSHOT"
         );
-        assert!(create_logical_slot("Outbox", 150004).is_err());
+        assert!(create_logical_slot("Outbox", 150004, false).is_err());
+        assert_eq!(
+            create_logical_slot("outbox", 170002, true).unwrap(),
+            "CREATE_REPLICATION_SLOT \"outbox\" LOGICAL pgoutput (SNAPSHOT 'nothing', FAILOVER true)"
+        );
+        assert_eq!(
+            create_logical_slot("outbox", 170002, false).unwrap(),
+            "CREATE_REPLICATION_SLOT \"outbox\" LOGICAL pgoutput (SNAPSHOT 'nothing')"
+        );
     }
 
     #[test]

@@ -272,9 +272,34 @@ impl ReplicationClient {
         &mut self,
         slot: &str,
     ) -> Result<CreatedSlot, ReplicationError> {
-        let sql = command::create_logical_slot(slot, self.server_version_num)?;
+        self.create_logical_slot_with(slot, false).await
+    }
+
+    /// Like [`create_logical_slot`](Self::create_logical_slot); with `failover`
+    /// on PostgreSQL 17+ the slot is a failover slot (`FAILOVER true`:
+    /// synchronised to standbys that run `sync_replication_slots`). Ignored on
+    /// older servers, which have no such slots.
+    pub async fn create_logical_slot_with(
+        &mut self,
+        slot: &str,
+        failover: bool,
+    ) -> Result<CreatedSlot, ReplicationError> {
+        let sql = command::create_logical_slot(slot, self.server_version_num, failover)?;
         let rows = self.simple_query(&sql).await?;
         command::parse_created_slot(&rows)
+    }
+
+    /// `TIMELINE_HISTORY tli`: the history file's text (which timeline forked
+    /// from which, at what LSN).
+    pub async fn timeline_history(&mut self, timeline: u32) -> Result<String, ReplicationError> {
+        let rows = self
+            .simple_query(&format!("TIMELINE_HISTORY {timeline}"))
+            .await?;
+        Ok(rows
+            .into_iter()
+            .next()
+            .and_then(|r| r.into_iter().nth(1).flatten())
+            .unwrap_or_default())
     }
 
     /// `START_REPLICATION SLOT "slot" LOGICAL start (options)`, then CopyBoth.

@@ -173,6 +173,12 @@ pub fn render_text(status: &SlotStatus) -> String {
     } else {
         line("publication", format!("{} MISSING", p.name));
     }
+    if let Some(f) = &status.failover {
+        out.push_str(&crate::failover::render_text(f));
+    }
+    let mut line = |key: &str, value: String| {
+        let _ = writeln!(out, "{key:<20} {value}");
+    };
     if status.bookmarks.is_empty() {
         line("bookmarks", "none".into());
     } else {

@@ -56,6 +56,7 @@ fn status(slot_info: Option<SlotInfo>) -> SlotStatus {
         },
         bookmarks: vec![],
         identity: None,
+        failover: None,
     }
 }
 

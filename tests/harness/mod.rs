@@ -1691,3 +1691,4 @@ impl PgCluster {
 }
 
 pub mod security;
+pub mod standby;
