@@ -83,6 +83,11 @@ pub const DEFAULT_TOPIC_TEMPLATE: &str = "outbox.event.${routedByValue}";
 pub const DEFAULT_PROVENANCE_HEADERS: bool = true;
 /// Payloads pass byte for byte, unchecked (see [`PayloadFormat`]).
 pub const DEFAULT_PAYLOAD_FORMAT: PayloadFormat = PayloadFormat::Raw;
+/// Records as they always were (see [`crate::envelope`]).
+pub const DEFAULT_ENVELOPE: crate::envelope::EnvelopeMode = crate::envelope::EnvelopeMode::None;
+/// W3C trace context columns, used when the table has them (see [`crate::trace`]).
+pub const DEFAULT_TRACE_COLUMN: &str = "traceparent";
+pub const DEFAULT_TRACESTATE_COLUMN: &str = "tracestate";
 
 pub const DEFAULT_MAX_IN_FLIGHT_RECORDS: usize = 20_000;
 pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 16 << 20;
@@ -215,6 +220,15 @@ pub struct MappingConfig {
     pub provenance_headers: bool,
     /// See [`PayloadFormat`].
     pub payload_format: PayloadFormat,
+    /// CloudEvents envelope (see [`crate::envelope`]).
+    pub envelope: crate::envelope::EnvelopeMode,
+    /// CloudEvents `source`; `None`: `/outbox-relay/<database>/<table>`.
+    pub ce_source: Option<String>,
+    /// Column carried as header `traceparent`; `None`: off. The default name
+    /// is optional (used when the table has it), any other name required.
+    pub trace_column: Option<String>,
+    /// Column carried as header `tracestate`, likewise.
+    pub tracestate_column: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -228,6 +242,8 @@ pub struct RelayConfig {
     pub http_listen: String,
     /// See [`DEFAULT_READY_STALL_TIMEOUT`].
     pub ready_stall_timeout: Duration,
+    /// OTLP/HTTP collector for the relay's spans; `None`: no spans (see [`crate::trace`]).
+    pub otlp_endpoint: Option<String>,
     /// Topic for poison rows under the `dead-letter` policy.
     pub dead_letter_topic: Option<String>,
     /// Policy by poison class (see [`POISON_CLASSES`]); `"*"` is the default.
@@ -322,6 +338,10 @@ impl Default for MappingConfig {
             header_columns: Vec::new(),
             provenance_headers: DEFAULT_PROVENANCE_HEADERS,
             payload_format: DEFAULT_PAYLOAD_FORMAT,
+            envelope: DEFAULT_ENVELOPE,
+            ce_source: None,
+            trace_column: Some(DEFAULT_TRACE_COLUMN.into()),
+            tracestate_column: Some(DEFAULT_TRACESTATE_COLUMN.into()),
         }
     }
 }
@@ -336,6 +356,7 @@ impl Default for RelayConfig {
             reconnect_backoff_max: DEFAULT_RECONNECT_BACKOFF_MAX,
             http_listen: DEFAULT_HTTP_LISTEN.to_string(),
             ready_stall_timeout: DEFAULT_READY_STALL_TIMEOUT,
+            otlp_endpoint: None,
             dead_letter_topic: None,
             poison_policies: Default::default(),
             slot_busy_retry: DEFAULT_SLOT_BUSY_RETRY,

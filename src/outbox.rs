@@ -14,7 +14,10 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
-use crate::config::{MappingConfig, PayloadFormat, TableName};
+use crate::config::{
+    MappingConfig, PayloadFormat, TableName, DEFAULT_TRACESTATE_COLUMN, DEFAULT_TRACE_COLUMN,
+};
+use crate::envelope::{Envelope, EventFacts, JSON_CONTENT_TYPE};
 use crate::lsn::{pg_micros_to_system_time, Lsn};
 use crate::pgoutput::{Column, Insert, Relation, TupleData};
 
@@ -150,6 +153,14 @@ struct Resolved {
     payload_check_json: bool,
     type_: Option<usize>,
     headers: Vec<(Arc<str>, usize)>,
+    /// The payload is JSON (a json/jsonb column, or checked): its CloudEvents
+    /// `datacontenttype` is `application/json`.
+    payload_is_json: bool,
+    /// The W3C trace context columns, when the table has them.
+    traceparent: Option<usize>,
+    tracestate: Option<usize>,
+    /// Headers a CloudEvents envelope replaces: `id`, `type`, the header columns.
+    replaced: Vec<Arc<str>>,
 }
 
 #[derive(Debug)]
@@ -195,6 +206,10 @@ pub struct OutboxMapper {
     header_lsn: Arc<str>,
     header_xid: Arc<str>,
     header_time: Arc<str>,
+    header_traceparent: Arc<str>,
+    header_tracestate: Arc<str>,
+    /// CloudEvents envelope; `None`: records as they are (see [`crate::envelope`]).
+    envelope: Option<Envelope>,
     /// Provenance header values of the current transaction: every row of a
     /// transaction shares them, so they are formatted once per transaction
     /// and each record takes a reference-counted copy.
@@ -240,6 +255,9 @@ impl OutboxMapper {
             header_lsn: Arc::from(HEADER_LSN),
             header_xid: Arc::from(HEADER_XID),
             header_time: Arc::from(HEADER_COMMIT_TIME),
+            header_traceparent: Arc::from(crate::trace::TRACEPARENT),
+            header_tracestate: Arc::from(crate::trace::TRACESTATE),
+            envelope: None,
             cfg,
             table,
             table_oid: None,
@@ -254,6 +272,12 @@ impl OutboxMapper {
     /// Recognise the outbox table by its OID rather than its name.
     pub fn with_table_oid(mut self, oid: Option<u32>) -> Self {
         self.table_oid = oid;
+        self
+    }
+
+    /// Put every record in `envelope` ([`Envelope::for_config`]).
+    pub fn with_envelope(mut self, envelope: Option<Envelope>) -> Self {
+        self.envelope = envelope;
         self
     }
 
@@ -324,6 +348,15 @@ impl OutboxMapper {
                 })
         };
         let cfg = &self.cfg;
+        // A trace column is optional under its default name (used when the
+        // table has it), required under any other.
+        let trace = |column: &Option<String>, default: &str, setting: &'static str| match column
+            .as_deref()
+        {
+            None => Ok(None),
+            Some(c) if c == default => Ok(rel.columns.iter().position(|col| col.name == c)),
+            Some(c) => find(c, setting).map(Some),
+        };
         let payload = find(&cfg.payload_column, "payload_column")?;
         let payload_type = self.base_type(rel.columns[payload].type_oid);
         let resolved = Resolved {
@@ -346,7 +379,29 @@ impl OutboxMapper {
                 .iter()
                 .map(|c| Ok((Arc::from(c.as_str()), find(c, "header_columns")?)))
                 .collect::<Result<_, MappingError>>()?,
+            payload_is_json: matches!(payload_type, JSON_OID | JSONB_OID)
+                || cfg.payload_format == PayloadFormat::Json,
+            traceparent: trace(&cfg.trace_column, DEFAULT_TRACE_COLUMN, "trace_column")?,
+            tracestate: trace(
+                &cfg.tracestate_column,
+                DEFAULT_TRACESTATE_COLUMN,
+                "tracestate_column",
+            )?,
+            replaced: Vec::new(),
         };
+        let mut resolved = resolved;
+        // A header column of the trace header's name already carries it.
+        let listed = |name: &str| cfg.header_columns.iter().any(|c| c == name);
+        if listed(crate::trace::TRACEPARENT) {
+            resolved.traceparent = None;
+        }
+        if listed(crate::trace::TRACESTATE) {
+            resolved.tracestate = None;
+        }
+        resolved.replaced = [self.header_id.clone(), self.header_type.clone()]
+            .into_iter()
+            .chain(resolved.headers.iter().map(|(n, _)| n.clone()))
+            .collect();
         Ok(resolved)
     }
 
@@ -473,22 +528,61 @@ impl OutboxMapper {
                 headers.push((name.clone(), v));
             }
         }
-        if cfg.provenance_headers {
+        if cfg.provenance_headers || self.envelope.is_some() {
             let p = match &self.provenance {
                 Some(p) if p.is_for(txn) => p,
                 _ => self.provenance.insert(Provenance::of(txn)),
             };
-            headers.push((self.header_lsn.clone(), p.lsn_text.clone()));
-            headers.push((self.header_xid.clone(), p.xid_text.clone()));
-            headers.push((self.header_time.clone(), p.time_text.clone()));
+            if cfg.provenance_headers {
+                headers.push((self.header_lsn.clone(), p.lsn_text.clone()));
+                headers.push((self.header_xid.clone(), p.xid_text.clone()));
+                headers.push((self.header_time.clone(), p.time_text.clone()));
+            }
         }
-        Ok(Mapped::Record(OutboxRecord {
+        for (idx, name) in [
+            (resolved.traceparent, &self.header_traceparent),
+            (resolved.tracestate, &self.header_tracestate),
+        ] {
+            if let Some(v) = idx.and_then(|i| text(tuple, i)) {
+                headers.push((name.clone(), v));
+            }
+        }
+        let record = OutboxRecord {
             topic,
             key: Some(key),
             payload,
             headers,
             id: Some(id_value),
-        }))
+        };
+        let Some(envelope) = &self.envelope else {
+            return Ok(Mapped::Record(record));
+        };
+        let type_ = resolved.type_.and_then(|i| text(tuple, i));
+        let extensions: Vec<(Arc<str>, Bytes)> = resolved
+            .headers
+            .iter()
+            .filter_map(|(name, idx)| Some((name.clone(), text(tuple, *idx)?)))
+            .collect();
+        let time = &self
+            .provenance
+            .as_ref()
+            .expect("provenance is set above whenever an envelope is")
+            .time_text;
+        let id = record
+            .id
+            .clone()
+            .expect("the record was given its id above");
+        let subject = record.key.clone();
+        let facts = EventFacts {
+            id: &id,
+            type_: type_.as_deref(),
+            subject: subject.as_deref(),
+            time,
+            content_type: resolved.payload_is_json.then_some(JSON_CONTENT_TYPE),
+            extensions: &extensions,
+            replaces: &resolved.replaced,
+        };
+        Ok(Mapped::Record(envelope.apply(record, &facts)))
     }
 }
 
