@@ -99,8 +99,10 @@ fn mapper(mode: EnvelopeMode) -> OutboxMapper {
         envelope: mode,
         ..MappingConfig::default()
     };
-    let mut m = OutboxMapper::new(cfg, TableName::default())
-        .with_envelope(Envelope::new(mode, "/outbox-relay/app/public.outbox_events"));
+    let mut m = OutboxMapper::new(cfg, TableName::default()).with_envelope(Envelope::new(
+        mode,
+        "/outbox-relay/app/public.outbox_events",
+    ));
     m.on_relation(&relation()).unwrap();
     m
 }

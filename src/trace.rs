@@ -210,10 +210,7 @@ impl Spans {
     /// The span of one record, acknowledged by the broker at `acked`.
     pub fn acknowledged(&self, token: &DeliveryToken, acked: SystemTime) {
         use opentelemetry::trace::Span as _;
-        let parent = token
-            .trace
-            .map(|p| p.context())
-            .unwrap_or_else(Context::new);
+        let parent = token.trace.map(|p| p.context()).unwrap_or_default();
         let mut span = self
             .tracer
             .span_builder(SPAN_NAME)

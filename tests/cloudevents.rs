@@ -17,7 +17,7 @@ use cloudevents::message::{
 use cloudevents::{AttributesReader, Event};
 
 use harness::outbox::DEADLINE;
-use harness::traced::{check_commit_lsn, consume_all, env_with, insert, Sent};
+use harness::traced::{check_commit_lsn, consume_all, env_with, insert, RowSpec, Sent};
 use harness::Consumed;
 
 use harness::traced::{INVALID_PARENT, VALID_PARENT};
@@ -92,13 +92,7 @@ const TRACED_COLUMNS: &str =
     "ADD COLUMN tenant text, ADD COLUMN traceparent text, ADD COLUMN tracestate text";
 
 /// Rows with and without tenant, valid and invalid trace parents.
-fn traced_rows() -> Vec<(
-    &'static str,
-    &'static str,
-    Option<&'static str>,
-    Option<&'static str>,
-    Option<&'static str>,
-)> {
+fn traced_rows() -> Vec<RowSpec<'static>> {
     vec![
         (
             "Order",

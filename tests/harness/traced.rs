@@ -12,6 +12,15 @@ pub const VALID_PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba9
 /// Upper-case hex: not W3C, carried unchanged all the same.
 pub const INVALID_PARENT: &str = "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01";
 
+/// A row to write: (aggregatetype, payload JSON, tenant, traceparent, tracestate).
+pub type RowSpec<'a> = (
+    &'a str,
+    &'a str,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+);
+
 /// One row as written, with what its transaction says.
 #[derive(Debug, Clone)]
 pub struct Sent {
@@ -53,7 +62,7 @@ pub async fn env_with(extra_columns: &str) -> Env {
 /// tracestate are written only when `traced`.
 pub async fn insert(
     client: &tokio_postgres::Client,
-    rows: &[(&str, &str, Option<&str>, Option<&str>, Option<&str>)],
+    rows: &[RowSpec<'_>],
     traced: bool,
 ) -> Vec<Sent> {
     let mut out = Vec::new();
