@@ -377,7 +377,8 @@ impl Default for LogConfig {
 
 impl MappingConfig {
     /// The columns a row must have, in the order they are checked: id, key, route
-    /// (unless a fixed topic is set), payload, type (if any), header columns.
+    /// (unless a fixed topic is set), payload, type (if any), header columns,
+    /// trace columns named otherwise than the default.
     pub fn required_columns(&self) -> Vec<&str> {
         let mut cols = vec![self.id_column.as_str(), self.key_column.as_str()];
         if self.topic.is_none() {
@@ -386,6 +387,13 @@ impl MappingConfig {
         cols.push(&self.payload_column);
         cols.extend(self.type_column.as_deref());
         cols.extend(self.header_columns.iter().map(String::as_str));
+        // Trace columns under another name than the default are required.
+        for (c, default) in [
+            (&self.trace_column, DEFAULT_TRACE_COLUMN),
+            (&self.tracestate_column, DEFAULT_TRACESTATE_COLUMN),
+        ] {
+            cols.extend(c.as_deref().filter(|c| *c != default));
+        }
         let mut seen = std::collections::HashSet::new();
         cols.retain(|c| seen.insert(*c));
         cols

@@ -93,8 +93,9 @@ pub struct EventFacts<'a> {
     pub type_: Option<&'a [u8]>,
     /// `subject`: the aggregate id.
     pub subject: Option<&'a [u8]>,
-    /// `time`: the commit time, RFC 3339.
-    pub time: &'a [u8],
+    /// `time`: the commit time, RFC 3339; `None` when unknown (rows
+    /// replayed from the table): `time` is optional in CloudEvents.
+    pub time: Option<&'a [u8]>,
     /// `datacontenttype`, when known (`application/json` for JSON payloads).
     /// JSON payloads go under `data` in structured mode, others base64.
     pub content_type: Option<&'static str>,
@@ -180,7 +181,9 @@ impl Envelope {
                 headers.push((n.id.clone(), Bytes::copy_from_slice(facts.id)));
                 headers.push((n.source.clone(), self.source.clone()));
                 headers.push((n.type_.clone(), Bytes::copy_from_slice(type_)));
-                headers.push((n.time.clone(), Bytes::copy_from_slice(facts.time)));
+                if let Some(t) = facts.time {
+                    headers.push((n.time.clone(), Bytes::copy_from_slice(t)));
+                }
                 if let Some(s) = facts.subject {
                     headers.push((n.subject.clone(), Bytes::copy_from_slice(s)));
                 }
@@ -207,7 +210,9 @@ impl Envelope {
                 event.insert("id".into(), s(facts.id));
                 event.insert("source".into(), s(&self.source));
                 event.insert("type".into(), s(type_));
-                event.insert("time".into(), s(facts.time));
+                if let Some(t) = facts.time {
+                    event.insert("time".into(), s(t));
+                }
                 if let Some(subject) = facts.subject {
                     event.insert("subject".into(), s(subject));
                 }
@@ -379,7 +384,7 @@ mod tests {
             id: b"9f1c",
             type_: Some(b"OrderCreated"),
             subject: Some(b"order-42"),
-            time: b"2026-12-03T10:00:00.000000Z",
+            time: Some(b"2026-12-03T10:00:00.000000Z"),
             content_type: ct,
             extensions: ext,
             replaces,

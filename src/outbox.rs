@@ -563,11 +563,14 @@ impl OutboxMapper {
             .iter()
             .filter_map(|(name, idx)| Some((name.clone(), text(tuple, *idx)?)))
             .collect();
-        let time = &self
-            .provenance
-            .as_ref()
-            .expect("provenance is set above whenever an envelope is")
-            .time_text;
+        // The table replay knows no transaction (all zeros): no `time` then.
+        let time = (txn.commit_lsn != Lsn::ZERO || txn.commit_time != 0).then(|| {
+            &self
+                .provenance
+                .as_ref()
+                .expect("provenance is set above whenever an envelope is")
+                .time_text
+        });
         let id = record
             .id
             .clone()
@@ -577,7 +580,7 @@ impl OutboxMapper {
             id: &id,
             type_: type_.as_deref(),
             subject: subject.as_deref(),
-            time,
+            time: time.map(|t| &t[..]),
             content_type: resolved.payload_is_json.then_some(JSON_CONTENT_TYPE),
             extensions: &extensions,
             replaces: &resolved.replaced,
@@ -1021,6 +1024,92 @@ mod tests {
             m.map_insert(&insert(8, vec![]), &TXN).unwrap_err(),
             MappingError::UnknownRelation(8)
         );
+    }
+
+    #[test]
+    fn trace_columns_become_headers_when_the_table_has_them() {
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut rel = debezium_relation();
+        for c in ["traceparent", "tracestate"] {
+            rel.columns.push(RelationColumn {
+                flags: 0,
+                name: c.into(),
+                type_oid: 25,
+                type_modifier: -1,
+            });
+        }
+        let row = |tp: Column| {
+            insert(
+                16384,
+                vec![
+                    t("1"),
+                    t("Order"),
+                    t("k"),
+                    t("T"),
+                    t("{}"),
+                    Column::Null,
+                    tp,
+                    t("a=b"),
+                ],
+            )
+        };
+        let mut m = OutboxMapper::new(MappingConfig::default(), table());
+        m.on_relation(&rel).unwrap();
+        let r = record(m.map_insert(&row(t(parent)), &TXN).unwrap());
+        let names: Vec<&str> = r.headers.iter().map(|(k, _)| &**k).collect();
+        assert_eq!(
+            names,
+            [
+                "id",
+                "type",
+                HEADER_LSN,
+                HEADER_XID,
+                HEADER_COMMIT_TIME,
+                "traceparent",
+                "tracestate"
+            ]
+        );
+        assert_eq!(header(&r, "traceparent"), Some(parent.as_bytes()));
+        // Not valid W3C: carried all the same. NULL: no header.
+        let r = record(m.map_insert(&row(t("garbage")), &TXN).unwrap());
+        assert_eq!(header(&r, "traceparent"), Some(&b"garbage"[..]));
+        let r = record(m.map_insert(&row(Column::Null), &TXN).unwrap());
+        assert_eq!(header(&r, "traceparent"), None);
+
+        // Listed as a header column too: one header, where the list puts it.
+        let cfg = MappingConfig {
+            header_columns: vec!["traceparent".into()],
+            ..MappingConfig::default()
+        };
+        let mut m = OutboxMapper::new(cfg, table());
+        m.on_relation(&rel).unwrap();
+        let r = record(m.map_insert(&row(t(parent)), &TXN).unwrap());
+        assert_eq!(
+            r.headers
+                .iter()
+                .filter(|(k, _)| &**k == "traceparent")
+                .count(),
+            1
+        );
+
+        // Off, or a column of another name that the table lacks.
+        let off = MappingConfig {
+            trace_column: None,
+            tracestate_column: None,
+            ..MappingConfig::default()
+        };
+        let mut m = OutboxMapper::new(off, table());
+        m.on_relation(&rel).unwrap();
+        let r = record(m.map_insert(&row(t(parent)), &TXN).unwrap());
+        assert_eq!(header(&r, "traceparent"), None);
+        let named = MappingConfig {
+            trace_column: Some("trace_ctx".into()),
+            ..MappingConfig::default()
+        };
+        let err = OutboxMapper::new(named, table())
+            .on_relation(&rel)
+            .unwrap_err();
+        assert!(err.to_string().contains("trace_column"), "{err}");
     }
 
     #[test]
