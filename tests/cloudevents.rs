@@ -17,8 +17,8 @@ use cloudevents::message::{
 use cloudevents::{AttributesReader, Event};
 
 use harness::outbox::DEADLINE;
-use harness::traced::{check_commit_lsn, consume_all, env_with, insert, RowSpec, Sent};
-use harness::Consumed;
+use harness::traced::{check_commit_lsn, consume_all, env_on, env_with, insert, RowSpec, Sent};
+use harness::{Consumed, PgVersion};
 
 use harness::traced::{INVALID_PARENT, VALID_PARENT};
 
@@ -26,9 +26,19 @@ fn h(name: &str, value: impl AsRef<[u8]>) -> (String, Vec<u8>) {
     (name.to_string(), value.as_ref().to_vec())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn default_mode_is_byte_identical_to_records_without_envelopes() {
-    let env = env_with("").await;
+mod default_mode_is_byte_identical_to_records_without_envelopes {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pg15() {
+        super::default_mode_is_byte_identical(super::PgVersion::V15).await;
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pg17() {
+        super::default_mode_is_byte_identical(super::PgVersion::V17).await;
+    }
+}
+
+async fn default_mode_is_byte_identical(version: PgVersion) {
+    let env = env_on(version, "").await;
     let client = env.client().await;
     // Once with no envelope flag at all, once with `none` spelled out (each
     // round on topics of its own).

@@ -46,7 +46,12 @@ pub struct Sent {
 /// A cluster with `track_commit_timestamp` (the test reads each
 /// transaction's commit time) and the outbox table with optional extra columns.
 pub async fn env_with(extra_columns: &str) -> Env {
-    let pg = PgCluster::start(PgVersion::V17, &[("track_commit_timestamp", "on")]);
+    env_on(PgVersion::V17, extra_columns).await
+}
+
+/// [`env_with`] on PostgreSQL `version`.
+pub async fn env_on(version: PgVersion, extra_columns: &str) -> Env {
+    let pg = PgCluster::start(version, &[("track_commit_timestamp", "on")]);
     let env = Env::with_pg(pg).await;
     if !extra_columns.is_empty() {
         env.client()
