@@ -475,3 +475,76 @@ impl MessageDeserializer for KafkaRecord {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn structured_mode_survives_kill_9_mid_stream() {
+    use harness::outbox::{insert_rows, Expected};
+    use std::collections::{HashMap, HashSet};
+    let env = env_with("").await;
+    let client = env.client().await;
+    let args = env.args(&["--envelope", "cloudevents-structured"]);
+    let mut relay = harness::RelayProcess::spawn(&args, &[]);
+    env.wait_streaming(&mut relay).await;
+    // A writer commits while the relay is killed and restarted.
+    let url = env.pg.url();
+    let writer = tokio::spawn(async move {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        // Paced, so that the kill lands while rows are still coming.
+        let mut seq = 0;
+        for _ in 0..60 {
+            seq = insert_rows(&client, seq, 10, 8).await;
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        seq
+    });
+    harness::wait_until(DEADLINE, "some records arrived", || async {
+        !env.broker
+            .consume_for("outbox.event.Order", std::time::Duration::from_millis(300))
+            .await
+            .is_empty()
+    })
+    .await;
+    relay.kill9();
+    assert!(!writer.is_finished(), "killed while the writer commits");
+    let mut relay = harness::RelayProcess::spawn(&args, &[]);
+    env.wait_streaming(&mut relay).await;
+    writer.await.unwrap();
+    let expected = Expected::read(&client).await;
+    let rows: HashMap<&str, _> = expected.rows.iter().map(|r| (r.id.as_str(), r)).collect();
+    // Every row arrives at least once, each copy a whole CloudEvent.
+    let mut seen = HashSet::new();
+    for (topic, n) in expected.per_topic() {
+        let mut want = n;
+        loop {
+            let got = env.broker.consume(&topic, want, DEADLINE).await;
+            let mut ids = HashSet::new();
+            for c in &got {
+                let event = MessageDeserializer::into_event(KafkaRecord::of(c))
+                    .expect("every record is a CloudEvent");
+                let row = rows
+                    .get(event.id())
+                    .unwrap_or_else(|| panic!("unknown id {}", event.id()));
+                assert_eq!(event.ty(), row.event_type);
+                assert_eq!(event.subject(), Some(row.aggregateid.as_str()));
+                assert_eq!(c.key.as_deref(), Some(row.aggregateid.as_bytes()));
+                let Some(Data::Json(data)) = event.data() else {
+                    panic!("JSON data in {c:?}");
+                };
+                let payload: serde_json::Value = serde_json::from_str(&row.payload).unwrap();
+                assert_eq!(data, &payload);
+                ids.insert(event.id().to_string());
+            }
+            if ids.len() >= n || got.len() < want {
+                assert_eq!(ids.len(), n, "every row of {topic} arrived");
+                seen.extend(ids);
+                break;
+            }
+            want = got.len() + (n - ids.len());
+        }
+    }
+    assert_eq!(seen.len(), expected.rows.len());
+    assert!(relay.is_running(), "relay log:\n{}", relay.log());
+}
