@@ -11,7 +11,7 @@
 //!   an OTLP/HTTP collector (protobuf) through the `opentelemetry` SDK's batch
 //!   processor: a bounded queue on its own thread, so a slow or absent
 //!   collector costs spans, never the stream.
-//! * Off (the default), the hot path pays one atomic load per record
+//! * Off (the default), the hot path pays two atomic loads per record (produce, ack)
 //!   ([`spans`] is `None`): no header lookup, no clock, no allocation.
 //!
 //! The sampling decision follows the parent (`ParentBased(AlwaysOn)`): a row
