@@ -545,6 +545,25 @@ pub struct MappingArgs {
           num_args = 0..=1, require_equals = true, default_missing_value = "true",
           value_parser = BoolishValueParser::new())]
     pub no_messages: Option<bool>,
+    /// Record envelope: none (records as before), cloudevents-binary (ce_*
+    /// headers, value = payload) or cloudevents-structured (value =
+    /// application/cloudevents+json) [default: none]
+    #[arg(long, value_name = "MODE", env = "OUTBOX_RELAY_ENVELOPE", value_enum)]
+    pub envelope: Option<crate::envelope::EnvelopeMode>,
+
+    /// CloudEvents `source` attribute [default: /outbox-relay/<database>/<table>]
+    #[arg(long, value_name = "URI-REFERENCE", env = "OUTBOX_RELAY_CE_SOURCE")]
+    pub ce_source: Option<String>,
+
+    /// Column carried as header `traceparent` (W3C trace context); "" for none
+    /// [default: traceparent, when the table has it]
+    #[arg(long, value_name = "COLUMN", env = "OUTBOX_RELAY_TRACE_COLUMN")]
+    pub trace_column: Option<String>,
+
+    /// Column carried as header `tracestate`; "" for none [default: tracestate,
+    /// when the table has it]
+    #[arg(long, value_name = "COLUMN", env = "OUTBOX_RELAY_TRACESTATE_COLUMN")]
+    pub tracestate_column: Option<String>,
 }
 
 #[derive(Debug, Default, Args)]
@@ -577,6 +596,11 @@ pub struct RelayArgs {
     /// /readyz fails when records are in flight and none was acknowledged for this long [default: 30s]
     #[arg(long, value_name = "DURATION", env = "OUTBOX_RELAY_READY_STALL_TIMEOUT", value_parser = parse_duration)]
     pub ready_stall_timeout: Option<Duration>,
+
+    /// OTLP/HTTP collector (http://host:4318) for one span per record, commit to
+    /// broker acknowledgement; off when unset [default: off]
+    #[arg(long, value_name = "URL", env = "OUTBOX_RELAY_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 
     /// Topic for rows that can never become a valid record (poison rows)
     #[arg(long, value_name = "TOPIC", env = "OUTBOX_RELAY_DEAD_LETTER_TOPIC")]
@@ -700,6 +724,10 @@ impl ConfigArgs {
                 payload_format: m.payload_format,
                 messages: m.no_messages.map(|no| !no),
                 message_prefix: m.message_prefix.clone(),
+                envelope: m.envelope,
+                ce_source: m.ce_source.clone(),
+                trace_column: m.trace_column.clone(),
+                tracestate_column: m.tracestate_column.clone(),
             },
             relay: RelayLayer {
                 max_in_flight_records: r.max_in_flight_records,
@@ -709,6 +737,7 @@ impl ConfigArgs {
                 reconnect_backoff_max: r.reconnect_backoff_max,
                 http_listen: r.http_listen.clone(),
                 ready_stall_timeout: r.ready_stall_timeout,
+                otlp_endpoint: r.otlp_endpoint.clone(),
                 dead_letter_topic: r.dead_letter_topic.clone(),
                 poison_policy: (!r.poison_policy.is_empty()).then(|| {
                     r.poison_policy

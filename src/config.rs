@@ -86,6 +86,11 @@ pub const DEFAULT_TOPIC_TEMPLATE: &str = "outbox.event.${routedByValue}";
 pub const DEFAULT_PROVENANCE_HEADERS: bool = true;
 /// Payloads pass byte for byte, unchecked (see [`PayloadFormat`]).
 pub const DEFAULT_PAYLOAD_FORMAT: PayloadFormat = PayloadFormat::Raw;
+/// Records as they always were (see [`crate::envelope`]).
+pub const DEFAULT_ENVELOPE: crate::envelope::EnvelopeMode = crate::envelope::EnvelopeMode::None;
+/// W3C trace context columns, used when the table has them (see [`crate::trace`]).
+pub const DEFAULT_TRACE_COLUMN: &str = "traceparent";
+pub const DEFAULT_TRACESTATE_COLUMN: &str = "tracestate";
 
 pub const DEFAULT_MAX_IN_FLIGHT_RECORDS: usize = 20_000;
 pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 16 << 20;
@@ -230,6 +235,15 @@ pub struct MappingConfig {
     /// Prefix of the logical decoding messages that carry events
     /// (`pg_logical_emit_message`); `None`: messages are off (`--no-messages`).
     pub message_prefix: Option<String>,
+    /// CloudEvents envelope (see [`crate::envelope`]).
+    pub envelope: crate::envelope::EnvelopeMode,
+    /// CloudEvents `source`; `None`: `/outbox-relay/<database>/<table>`.
+    pub ce_source: Option<String>,
+    /// Column carried as header `traceparent`; `None`: off. The default name
+    /// is optional (used when the table has it), any other name required.
+    pub trace_column: Option<String>,
+    /// Column carried as header `tracestate`, likewise.
+    pub tracestate_column: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -243,6 +257,8 @@ pub struct RelayConfig {
     pub http_listen: String,
     /// See [`DEFAULT_READY_STALL_TIMEOUT`].
     pub ready_stall_timeout: Duration,
+    /// OTLP/HTTP collector for the relay's spans; `None`: no spans (see [`crate::trace`]).
+    pub otlp_endpoint: Option<String>,
     /// Topic for poison rows under the `dead-letter` policy.
     pub dead_letter_topic: Option<String>,
     /// Policy by poison class (see [`POISON_CLASSES`]); `"*"` is the default.
@@ -343,6 +359,10 @@ impl Default for MappingConfig {
             provenance_headers: DEFAULT_PROVENANCE_HEADERS,
             payload_format: DEFAULT_PAYLOAD_FORMAT,
             message_prefix: Some(DEFAULT_MESSAGE_PREFIX.into()),
+            envelope: DEFAULT_ENVELOPE,
+            ce_source: None,
+            trace_column: Some(DEFAULT_TRACE_COLUMN.into()),
+            tracestate_column: Some(DEFAULT_TRACESTATE_COLUMN.into()),
         }
     }
 }
@@ -357,6 +377,7 @@ impl Default for RelayConfig {
             reconnect_backoff_max: DEFAULT_RECONNECT_BACKOFF_MAX,
             http_listen: DEFAULT_HTTP_LISTEN.to_string(),
             ready_stall_timeout: DEFAULT_READY_STALL_TIMEOUT,
+            otlp_endpoint: None,
             dead_letter_topic: None,
             poison_policies: Default::default(),
             slot_busy_retry: DEFAULT_SLOT_BUSY_RETRY,
@@ -378,7 +399,8 @@ impl Default for LogConfig {
 
 impl MappingConfig {
     /// The columns a row must have, in the order they are checked: id, key, route
-    /// (unless a fixed topic is set), payload, type (if any), header columns.
+    /// (unless a fixed topic is set), payload, type (if any), header columns,
+    /// trace columns named otherwise than the default.
     pub fn required_columns(&self) -> Vec<&str> {
         let mut cols = vec![self.id_column.as_str(), self.key_column.as_str()];
         if self.topic.is_none() {
@@ -387,6 +409,13 @@ impl MappingConfig {
         cols.push(&self.payload_column);
         cols.extend(self.type_column.as_deref());
         cols.extend(self.header_columns.iter().map(String::as_str));
+        // Trace columns under another name than the default are required.
+        for (c, default) in [
+            (&self.trace_column, DEFAULT_TRACE_COLUMN),
+            (&self.tracestate_column, DEFAULT_TRACESTATE_COLUMN),
+        ] {
+            cols.extend(c.as_deref().filter(|c| *c != default));
+        }
         let mut seen = std::collections::HashSet::new();
         cols.retain(|c| seen.insert(*c));
         cols

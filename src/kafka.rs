@@ -73,6 +73,8 @@ pub struct DeliveryToken {
     /// Commit time of the row's transaction (µs since 2000-01-01), for latency.
     pub commit_time: i64,
     pub position: RecordPosition,
+    /// The record's valid W3C trace parent, when spans are on ([`crate::trace`]).
+    pub trace: Option<crate::trace::TraceParent>,
 }
 
 /// A record the producer gave up on.

@@ -45,6 +45,8 @@
 //! | [`pgoutput`] | pgoutput message decoder | none |
 //! | [`ack`] | ack tracker: ordered queue of transactions and keepalive markers | none |
 //! | [`outbox`] | row (or logical decoding message, [`outbox::message`]) → Kafka record mapping (Debezium EventRouter compatible) | none |
+//! | [`envelope`] | CloudEvents 1.0 envelope (Kafka binding, binary/structured) over a mapped record | none |
+//! | [`trace`] | W3C trace context (`traceparent` check) and the optional OTLP spans | OTLP/HTTP |
 //! | [`replication`] | walsender wire client on `postgres-protocol` | PostgreSQL |
 //! | [`kafka`] | rdkafka producer, delivery events, topic preparation | Kafka |
 //! | [`setup`] | preflight checks, publication, slot state (ordinary SQL) | PostgreSQL |
@@ -56,6 +58,7 @@ pub mod ack;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod envelope;
 pub mod failover;
 pub mod http;
 pub mod kafka;
@@ -69,5 +72,6 @@ pub mod replication;
 pub mod setup;
 pub mod sql;
 pub mod status;
+pub mod trace;
 
 pub use lsn::Lsn;

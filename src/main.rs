@@ -125,6 +125,13 @@ async fn run(cfg: Config, start_lsn: Option<outbox_relay::Lsn>) -> ExitCode {
         stall_timeout: cfg.relay.ready_stall_timeout,
         ..MetricsOptions::default()
     });
+    if let Some(endpoint) = &cfg.relay.otlp_endpoint {
+        if let Err(e) = outbox_relay::trace::init(endpoint) {
+            tracing::error!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        tracing::info!(endpoint = %endpoint, "exporting one span per record over OTLP/HTTP");
+    }
     let http_stop = CancellationToken::new();
     if let Some(addr) = cfg.relay.http_listen_addr() {
         match http::bind(addr).await {
@@ -183,6 +190,8 @@ async fn run(cfg: Config, start_lsn: Option<outbox_relay::Lsn>) -> ExitCode {
         }
     };
     http_stop.cancel();
+    // The batch processor's thread blocks on its export: off the runtime's workers.
+    let _ = tokio::task::spawn_blocking(outbox_relay::trace::shutdown).await;
     code
 }
 

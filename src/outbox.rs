@@ -14,7 +14,10 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
-use crate::config::{MappingConfig, PayloadFormat, TableName};
+use crate::config::{
+    MappingConfig, PayloadFormat, TableName, DEFAULT_TRACESTATE_COLUMN, DEFAULT_TRACE_COLUMN,
+};
+use crate::envelope::{Envelope, EventFacts, JSON_CONTENT_TYPE};
 use crate::lsn::{pg_micros_to_system_time, Lsn};
 use crate::pgoutput::{Column, Insert, Relation, TupleData};
 
@@ -152,6 +155,14 @@ struct Resolved {
     payload_check_json: bool,
     type_: Option<usize>,
     headers: Vec<(Arc<str>, usize)>,
+    /// The payload is JSON (a json/jsonb column, or checked): its CloudEvents
+    /// `datacontenttype` is `application/json`.
+    payload_is_json: bool,
+    /// The W3C trace context columns, when the table has them.
+    traceparent: Option<usize>,
+    tracestate: Option<usize>,
+    /// Headers a CloudEvents envelope replaces: `id`, `type`, the header columns.
+    replaced: Vec<Arc<str>>,
 }
 
 #[derive(Debug)]
@@ -197,6 +208,10 @@ pub struct OutboxMapper {
     header_lsn: Arc<str>,
     header_xid: Arc<str>,
     header_time: Arc<str>,
+    header_traceparent: Arc<str>,
+    header_tracestate: Arc<str>,
+    /// CloudEvents envelope; `None`: records as they are (see [`crate::envelope`]).
+    envelope: Option<Envelope>,
     /// Provenance header values of the current transaction: every row of a
     /// transaction shares them, so they are formatted once per transaction
     /// and each record takes a reference-counted copy.
@@ -242,6 +257,9 @@ impl OutboxMapper {
             header_lsn: Arc::from(HEADER_LSN),
             header_xid: Arc::from(HEADER_XID),
             header_time: Arc::from(HEADER_COMMIT_TIME),
+            header_traceparent: Arc::from(crate::trace::TRACEPARENT),
+            header_tracestate: Arc::from(crate::trace::TRACESTATE),
+            envelope: None,
             cfg,
             table,
             table_oid: None,
@@ -256,6 +274,12 @@ impl OutboxMapper {
     /// Recognise the outbox table by its OID rather than its name.
     pub fn with_table_oid(mut self, oid: Option<u32>) -> Self {
         self.table_oid = oid;
+        self
+    }
+
+    /// Put every record in `envelope` ([`Envelope::for_config`]).
+    pub fn with_envelope(mut self, envelope: Option<Envelope>) -> Self {
+        self.envelope = envelope;
         self
     }
 
@@ -326,6 +350,15 @@ impl OutboxMapper {
                 })
         };
         let cfg = &self.cfg;
+        // A trace column is optional under its default name (used when the
+        // table has it), required under any other.
+        let trace = |column: &Option<String>, default: &str, setting: &'static str| match column
+            .as_deref()
+        {
+            None => Ok(None),
+            Some(c) if c == default => Ok(rel.columns.iter().position(|col| col.name == c)),
+            Some(c) => find(c, setting).map(Some),
+        };
         let payload = find(&cfg.payload_column, "payload_column")?;
         let payload_type = self.base_type(rel.columns[payload].type_oid);
         let resolved = Resolved {
@@ -348,7 +381,29 @@ impl OutboxMapper {
                 .iter()
                 .map(|c| Ok((Arc::from(c.as_str()), find(c, "header_columns")?)))
                 .collect::<Result<_, MappingError>>()?,
+            payload_is_json: matches!(payload_type, JSON_OID | JSONB_OID)
+                || cfg.payload_format == PayloadFormat::Json,
+            traceparent: trace(&cfg.trace_column, DEFAULT_TRACE_COLUMN, "trace_column")?,
+            tracestate: trace(
+                &cfg.tracestate_column,
+                DEFAULT_TRACESTATE_COLUMN,
+                "tracestate_column",
+            )?,
+            replaced: Vec::new(),
         };
+        let mut resolved = resolved;
+        // A header column of the trace header's name already carries it.
+        let listed = |name: &str| cfg.header_columns.iter().any(|c| c == name);
+        if listed(crate::trace::TRACEPARENT) {
+            resolved.traceparent = None;
+        }
+        if listed(crate::trace::TRACESTATE) {
+            resolved.tracestate = None;
+        }
+        resolved.replaced = [self.header_id.clone(), self.header_type.clone()]
+            .into_iter()
+            .chain(resolved.headers.iter().map(|(n, _)| n.clone()))
+            .collect();
         Ok(resolved)
     }
 
@@ -384,6 +439,21 @@ impl OutboxMapper {
 
     /// Turn one inserted row into a record.
     pub fn map_insert(&mut self, ins: &Insert, txn: &TxnInfo) -> Result<Mapped, MappingError> {
+        self.map_with_headers(ins, txn, Vec::new())
+    }
+
+    /// [`Self::map_insert`] with `extra` headers after the relay's own (a
+    /// logical decoding message's `headers` member). Under a CloudEvents
+    /// envelope they become extension attributes like header columns, when
+    /// their names are valid attribute names; `traceparent` and `tracestate`
+    /// are the trace context, as the trace columns are; any other name stays
+    /// a plain record header.
+    pub(crate) fn map_with_headers(
+        &mut self,
+        ins: &Insert,
+        txn: &TxnInfo,
+        extra: Vec<(Arc<str>, Bytes)>,
+    ) -> Result<Mapped, MappingError> {
         let resolved = match self.relations.get(&ins.relation_oid) {
             None => return Err(MappingError::UnknownRelation(ins.relation_oid)),
             Some(RelationKind::Broken(e)) => return Err(e.clone()),
@@ -475,22 +545,92 @@ impl OutboxMapper {
                 headers.push((name.clone(), v));
             }
         }
-        if cfg.provenance_headers {
+        if cfg.provenance_headers || self.envelope.is_some() {
             let p = match &self.provenance {
                 Some(p) if p.is_for(txn) => p,
                 _ => self.provenance.insert(Provenance::of(txn)),
             };
-            headers.push((self.header_lsn.clone(), p.lsn_text.clone()));
-            headers.push((self.header_xid.clone(), p.xid_text.clone()));
-            headers.push((self.header_time.clone(), p.time_text.clone()));
+            if cfg.provenance_headers {
+                headers.push((self.header_lsn.clone(), p.lsn_text.clone()));
+                headers.push((self.header_xid.clone(), p.xid_text.clone()));
+                headers.push((self.header_time.clone(), p.time_text.clone()));
+            }
         }
-        Ok(Mapped::Record(OutboxRecord {
+        for (idx, name) in [
+            (resolved.traceparent, &self.header_traceparent),
+            (resolved.tracestate, &self.header_tracestate),
+        ] {
+            if let Some(v) = idx.and_then(|i| text(tuple, i)) {
+                headers.push((name.clone(), v));
+            }
+        }
+        // Extension attributes a message's headers bring (see above).
+        let extra_extensions: Vec<(Arc<str>, Bytes)> = if self.envelope.is_some() {
+            extra
+                .iter()
+                .filter(|(name, _)| {
+                    &**name != crate::trace::TRACEPARENT
+                        && &**name != crate::trace::TRACESTATE
+                        && crate::envelope::extension_name_problem(name).is_none()
+                })
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        headers.extend(extra);
+        let record = OutboxRecord {
             topic,
             key: Some(key),
             payload,
             headers,
             id: Some(id_value),
-        }))
+        };
+        let Some(envelope) = &self.envelope else {
+            return Ok(Mapped::Record(record));
+        };
+        let type_ = resolved.type_.and_then(|i| text(tuple, i));
+        let mut extensions: Vec<(Arc<str>, Bytes)> = resolved
+            .headers
+            .iter()
+            .filter_map(|(name, idx)| Some((name.clone(), text(tuple, *idx)?)))
+            .collect();
+        let replaced_extra;
+        let replaces: &[Arc<str>] = if extra_extensions.is_empty() {
+            &resolved.replaced
+        } else {
+            replaced_extra = resolved
+                .replaced
+                .iter()
+                .cloned()
+                .chain(extra_extensions.iter().map(|(n, _)| n.clone()))
+                .collect::<Vec<_>>();
+            extensions.extend(extra_extensions);
+            &replaced_extra
+        };
+        // The table replay knows no transaction (all zeros): no `time` then.
+        let time = (txn.commit_lsn != Lsn::ZERO || txn.commit_time != 0).then(|| {
+            &self
+                .provenance
+                .as_ref()
+                .expect("provenance is set above whenever an envelope is")
+                .time_text
+        });
+        let id = record
+            .id
+            .clone()
+            .expect("the record was given its id above");
+        let subject = record.key.clone();
+        let facts = EventFacts {
+            id: &id,
+            type_: type_.as_deref(),
+            subject: subject.as_deref(),
+            time: time.map(|t| &t[..]),
+            content_type: resolved.payload_is_json.then_some(JSON_CONTENT_TYPE),
+            extensions: &extensions,
+            replaces,
+        };
+        Ok(Mapped::Record(envelope.apply(record, &facts)))
     }
 }
 
@@ -929,6 +1069,92 @@ mod tests {
             m.map_insert(&insert(8, vec![]), &TXN).unwrap_err(),
             MappingError::UnknownRelation(8)
         );
+    }
+
+    #[test]
+    fn trace_columns_become_headers_when_the_table_has_them() {
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut rel = debezium_relation();
+        for c in ["traceparent", "tracestate"] {
+            rel.columns.push(RelationColumn {
+                flags: 0,
+                name: c.into(),
+                type_oid: 25,
+                type_modifier: -1,
+            });
+        }
+        let row = |tp: Column| {
+            insert(
+                16384,
+                vec![
+                    t("1"),
+                    t("Order"),
+                    t("k"),
+                    t("T"),
+                    t("{}"),
+                    Column::Null,
+                    tp,
+                    t("a=b"),
+                ],
+            )
+        };
+        let mut m = OutboxMapper::new(MappingConfig::default(), table());
+        m.on_relation(&rel).unwrap();
+        let r = record(m.map_insert(&row(t(parent)), &TXN).unwrap());
+        let names: Vec<&str> = r.headers.iter().map(|(k, _)| &**k).collect();
+        assert_eq!(
+            names,
+            [
+                "id",
+                "type",
+                HEADER_LSN,
+                HEADER_XID,
+                HEADER_COMMIT_TIME,
+                "traceparent",
+                "tracestate"
+            ]
+        );
+        assert_eq!(header(&r, "traceparent"), Some(parent.as_bytes()));
+        // Not valid W3C: carried all the same. NULL: no header.
+        let r = record(m.map_insert(&row(t("garbage")), &TXN).unwrap());
+        assert_eq!(header(&r, "traceparent"), Some(&b"garbage"[..]));
+        let r = record(m.map_insert(&row(Column::Null), &TXN).unwrap());
+        assert_eq!(header(&r, "traceparent"), None);
+
+        // Listed as a header column too: one header, where the list puts it.
+        let cfg = MappingConfig {
+            header_columns: vec!["traceparent".into()],
+            ..MappingConfig::default()
+        };
+        let mut m = OutboxMapper::new(cfg, table());
+        m.on_relation(&rel).unwrap();
+        let r = record(m.map_insert(&row(t(parent)), &TXN).unwrap());
+        assert_eq!(
+            r.headers
+                .iter()
+                .filter(|(k, _)| &**k == "traceparent")
+                .count(),
+            1
+        );
+
+        // Off, or a column of another name that the table lacks.
+        let off = MappingConfig {
+            trace_column: None,
+            tracestate_column: None,
+            ..MappingConfig::default()
+        };
+        let mut m = OutboxMapper::new(off, table());
+        m.on_relation(&rel).unwrap();
+        let r = record(m.map_insert(&row(t(parent)), &TXN).unwrap());
+        assert_eq!(header(&r, "traceparent"), None);
+        let named = MappingConfig {
+            trace_column: Some("trace_ctx".into()),
+            ..MappingConfig::default()
+        };
+        let err = OutboxMapper::new(named, table())
+            .on_relation(&rel)
+            .unwrap_err();
+        assert!(err.to_string().contains("trace_column"), "{err}");
     }
 
     #[test]

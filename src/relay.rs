@@ -691,6 +691,7 @@ impl Relay {
             generation,
             tracker: AckTracker::new(confirmed),
             mapper: OutboxMapper::new(cfg.mapping.clone(), pg.table.clone())
+                .with_envelope(crate::envelope::Envelope::for_config(&cfg))
                 .with_table_oid(table_oid)
                 .with_domains(domains),
             silence_limit,

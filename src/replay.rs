@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ack::AckTracker;
 use crate::config::Config;
+use crate::envelope::Envelope;
 use crate::kafka::{DeliveryToken, KafkaSink, KafkaSinkError, SinkEvent, SinkSettings};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
@@ -322,7 +323,8 @@ pub async fn replay_table(
     // Provenance (LSN, xid, commit time) is unknown for rows read from the table.
     let mut mapping = cfg.mapping.clone();
     mapping.provenance_headers = false;
-    let mut mapper = OutboxMapper::new(mapping, table.clone());
+    let mut mapper =
+        OutboxMapper::new(mapping, table.clone()).with_envelope(Envelope::for_config(cfg));
     mapper.on_relation(&relation)?;
 
     let quote = |c: &str| crate::config::quote_ident(c).into_owned();
@@ -423,6 +425,7 @@ pub async fn replay_table(
             bytes: record.size(),
             commit_time: 0,
             position: Default::default(),
+            trace: None,
         };
         loop {
             match sink.send(&record, token) {
@@ -571,7 +574,8 @@ async fn peek_changes(
     pin_mut!(rows);
     let mut seen = 0usize;
     let mut decoder = Decoder::new();
-    let mut mapper = OutboxMapper::new(cfg.mapping.clone(), cfg.postgres.table.clone());
+    let mut mapper = OutboxMapper::new(cfg.mapping.clone(), cfg.postgres.table.clone())
+        .with_envelope(Envelope::for_config(cfg));
     let mut txn = None;
     let mut out = Vec::new();
     while let Some(row) = rows.try_next().await.map_err(pg_error)? {

@@ -333,6 +333,7 @@ async fn a_replaced_producer_finishes_its_records_before_it_is_dropped() {
         bytes: 2,
         commit_time: 0,
         position: RecordPosition::default(),
+        trace: None,
     };
     // A first record, acknowledged: the idempotent producer has its id, so
     // the next record's request goes on the wire at once.
@@ -395,6 +396,7 @@ async fn a_replaced_producer_purges_records_that_never_left_its_queue() {
             bytes: 2,
             commit_time: 0,
             position: RecordPosition::default(),
+            trace: None,
         };
         sink.send(&record, token).unwrap();
     }

@@ -138,6 +138,13 @@ pub struct MappingLayer {
     /// `false`: logical decoding messages carry no events.
     pub messages: Option<bool>,
     pub message_prefix: Option<String>,
+    /// `"none"`, `"cloudevents-binary"` or `"cloudevents-structured"`.
+    pub envelope: Option<crate::envelope::EnvelopeMode>,
+    pub ce_source: Option<String>,
+    /// `""` means "off".
+    pub trace_column: Option<String>,
+    /// `""` means "off".
+    pub tracestate_column: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -155,6 +162,8 @@ pub struct RelayLayer {
     pub http_listen: Option<String>,
     #[serde(default, deserialize_with = "units::de_opt_duration")]
     pub ready_stall_timeout: Option<Duration>,
+    /// `""` means "off".
+    pub otlp_endpoint: Option<String>,
     pub dead_letter_topic: Option<String>,
     /// `class = "stop" | "dead-letter"`, `"*"` for the default.
     pub poison_policy: Option<BTreeMap<String, String>>,
@@ -281,6 +290,10 @@ impl Layer {
                 payload_format: tm.payload_format.or(m.payload_format),
                 messages: tm.messages.or(m.messages),
                 message_prefix: tm.message_prefix.or(m.message_prefix),
+                envelope: tm.envelope.or(m.envelope),
+                ce_source: tm.ce_source.or(m.ce_source),
+                trace_column: tm.trace_column.or(m.trace_column),
+                tracestate_column: tm.tracestate_column.or(m.tracestate_column),
             },
             relay: RelayLayer {
                 max_in_flight_records: tr.max_in_flight_records.or(r.max_in_flight_records),
@@ -290,6 +303,7 @@ impl Layer {
                 reconnect_backoff_max: tr.reconnect_backoff_max.or(r.reconnect_backoff_max),
                 http_listen: tr.http_listen.or(r.http_listen),
                 ready_stall_timeout: tr.ready_stall_timeout.or(r.ready_stall_timeout),
+                otlp_endpoint: tr.otlp_endpoint.or(r.otlp_endpoint),
                 dead_letter_topic: tr.dead_letter_topic.or(r.dead_letter_topic),
                 poison_policy: match (r.poison_policy, tr.poison_policy) {
                     (Some(mut low), Some(high)) => {
@@ -439,6 +453,16 @@ impl Config {
                             .unwrap_or_else(|| super::DEFAULT_MESSAGE_PREFIX.into()),
                     ),
                 },
+                envelope: m.envelope.unwrap_or(super::DEFAULT_ENVELOPE),
+                ce_source: m.ce_source.filter(|s| !s.is_empty()),
+                trace_column: match m.trace_column {
+                    None => Some(super::DEFAULT_TRACE_COLUMN.into()),
+                    Some(c) => Some(c).filter(|c| !c.is_empty()),
+                },
+                tracestate_column: match m.tracestate_column {
+                    None => Some(super::DEFAULT_TRACESTATE_COLUMN.into()),
+                    Some(c) => Some(c).filter(|c| !c.is_empty()),
+                },
             },
             relay: RelayConfig {
                 max_in_flight_records: r
@@ -458,6 +482,7 @@ impl Config {
                 ready_stall_timeout: r
                     .ready_stall_timeout
                     .unwrap_or(super::DEFAULT_READY_STALL_TIMEOUT),
+                otlp_endpoint: r.otlp_endpoint.filter(|e| !e.is_empty()),
                 dead_letter_topic: r.dead_letter_topic.filter(|t| !t.is_empty()),
                 poison_policies: r
                     .poison_policy

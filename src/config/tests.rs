@@ -611,3 +611,61 @@ fn kafka_properties_that_break_delivery_reports_or_order_are_rejected() {
         );
     }
 }
+
+#[test]
+fn envelope_trace_and_otlp_settings_from_each_layer() {
+    use crate::envelope::EnvelopeMode;
+    let d = ok(None, &[], &[]);
+    assert_eq!(d.mapping.envelope, EnvelopeMode::None);
+    assert_eq!(d.mapping.ce_source, None);
+    assert_eq!(d.mapping.trace_column.as_deref(), Some("traceparent"));
+    assert_eq!(d.mapping.tracestate_column.as_deref(), Some("tracestate"));
+    assert_eq!(d.relay.otlp_endpoint, None);
+    let toml = "[mapping]\nenvelope = \"cloudevents-structured\"\nce_source = \"urn:orders\"\n\
+                trace_column = \"\"\ntracestate_column = \"ts\"\n\
+                [relay]\notlp_endpoint = \"http://127.0.0.1:4318\"\n";
+    let t = ok(Some(toml), &[], &[]);
+    assert_eq!(t.mapping.envelope, EnvelopeMode::CloudeventsStructured);
+    assert_eq!(t.mapping.ce_source.as_deref(), Some("urn:orders"));
+    assert_eq!(t.mapping.trace_column, None, "\"\" turns it off");
+    assert_eq!(t.mapping.tracestate_column.as_deref(), Some("ts"));
+    assert_eq!(
+        t.relay.otlp_endpoint.as_deref(),
+        Some("http://127.0.0.1:4318")
+    );
+    let e = ok(
+        Some(toml),
+        &[
+            ("OUTBOX_RELAY_ENVELOPE", "cloudevents-binary"),
+            ("OUTBOX_RELAY_TRACE_COLUMN", "tp"),
+        ],
+        &["--otlp-endpoint", "http://c:4318", "--ce-source", "/x"],
+    );
+    assert_eq!(e.mapping.envelope, EnvelopeMode::CloudeventsBinary);
+    assert_eq!(e.mapping.trace_column.as_deref(), Some("tp"));
+    assert_eq!(e.relay.otlp_endpoint.as_deref(), Some("http://c:4318"));
+    assert_eq!(e.mapping.ce_source.as_deref(), Some("/x"));
+    let p = problems(Some("[mapping]\nenvelope = \"cloudevents\"\n"), &[], MIN);
+    assert!(p[0].contains("cloudevents-binary"), "{p:?}");
+    let p = problems(
+        None,
+        &[],
+        &[
+            MIN,
+            &[
+                "--envelope",
+                "cloudevents-binary",
+                "--header-column",
+                "Tenant_Id",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(p.iter().any(|p| p.contains("\"Tenant_Id\"")), "{p:?}");
+    let p = problems(
+        None,
+        &[],
+        &[MIN, &["--otlp-endpoint", "https://c:4318"]].concat(),
+    );
+    assert!(p.iter().any(|p| p.contains("https")), "{p:?}");
+}

@@ -23,6 +23,8 @@ pub(super) fn validate(cfg: &Config) -> Vec<Problem> {
     postgres(cfg, &mut out);
     kafka(cfg, &mut out);
     mapping(cfg, &mut out);
+    crate::envelope::validate(cfg, &mut out);
+    crate::trace::validate(cfg, &mut out);
     relay(cfg, &mut out);
     http(cfg, &mut out);
     log(cfg, &mut out);

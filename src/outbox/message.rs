@@ -231,19 +231,19 @@ impl OutboxMapper {
             relation_oid: MESSAGE_RELATION_OID,
             tuple,
         };
-        let mut record = match self.map_insert(&insert, txn)? {
-            Mapped::Record(r) => r,
+        let extra = event
+            .headers
+            .map(|Headers(extra)| {
+                extra
+                    .into_iter()
+                    .map(|(k, v)| (std::sync::Arc::from(k.as_str()), Bytes::from(v)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        match self.map_with_headers(&insert, txn, extra)? {
+            Mapped::Record(r) => Ok(r),
             Mapped::OtherTable { .. } => unreachable!("the message relation is an outbox relation"),
-        };
-        if let Some(Headers(extra)) = event.headers {
-            record.headers.reserve(extra.len());
-            for (k, v) in extra {
-                record
-                    .headers
-                    .push((std::sync::Arc::from(k.as_str()), Bytes::from(v)));
-            }
         }
-        Ok(record)
     }
 
     /// The synthetic relation messages are mapped through: the mapping's

@@ -289,6 +289,9 @@ impl Session<'_> {
                 }
                 self.metrics
                     .ack_latency(latency_since_commit(token.commit_time, now));
+                if let Some(spans) = crate::trace::spans() {
+                    spans.acknowledged(&token, now);
+                }
                 Ok(true)
             }
             SinkEvent::Failed(failure) => self.on_delivery_failed(failure),
@@ -594,6 +597,7 @@ impl Session<'_> {
             bytes: record.size(),
             commit_time: txn.commit_time,
             position: self.next_position(txn),
+            trace: crate::trace::parent_of(&record),
         };
         self.send_record(sink, record, token)
     }

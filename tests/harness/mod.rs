@@ -1512,6 +1512,7 @@ impl Drop for RelayProcess {
 
 pub mod outbox;
 pub mod proxy;
+pub mod traced;
 
 impl Broker {
     /// A broker behind `proxy`: it advertises the proxy's address in its metadata

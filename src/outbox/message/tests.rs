@@ -205,3 +205,43 @@ fn dead_letter_content_is_the_raw_text_or_hex() {
         Some(&b"x"[..])
     );
 }
+
+#[test]
+fn under_a_cloudevents_envelope_message_headers_become_extensions_and_trace_context() {
+    use crate::envelope::{Envelope, EnvelopeMode};
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let content = format!(
+        r#"{{"aggregatetype":"Order","aggregateid":"42","type":"OrderCreated","payload":{{"n":1}},
+        "headers":{{"tenant":"t1","traceparent":"{parent}","Not-An-Attribute":"kept"}}}}"#
+    );
+    let cfg = MappingConfig {
+        type_column: Some("type".into()),
+        ..MappingConfig::default()
+    };
+    let mut m = mapper(cfg.clone()).with_envelope(Envelope::new(
+        EnvelopeMode::CloudeventsBinary,
+        "/outbox-relay/app/outbox_events",
+    ));
+    let r = m.map_message(&msg(&content), &txn()).unwrap();
+    assert_eq!(header(&r, "ce_tenant"), Some(&b"t1"[..]));
+    assert_eq!(
+        header(&r, "tenant"),
+        None,
+        "the extension replaces the header"
+    );
+    assert_eq!(header(&r, "traceparent"), Some(parent.as_bytes()));
+    assert_eq!(header(&r, "ce_traceparent"), None);
+    assert_eq!(header(&r, "Not-An-Attribute"), Some(&b"kept"[..]));
+    assert_eq!(header(&r, "ce_type"), Some(&b"OrderCreated"[..]));
+
+    let mut m = mapper(cfg).with_envelope(Envelope::new(
+        EnvelopeMode::CloudeventsStructured,
+        "/outbox-relay/app/outbox_events",
+    ));
+    let r = m.map_message(&msg(&content), &txn()).unwrap();
+    let event: serde_json::Value = serde_json::from_slice(r.payload.as_deref().unwrap()).unwrap();
+    assert_eq!(event["tenant"], "t1");
+    assert_eq!(event["traceparent"], parent);
+    assert_eq!(event["data"], serde_json::json!({"n": 1}));
+    assert_eq!(header(&r, "tenant"), None);
+}
