@@ -7,11 +7,31 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use testkit::{free_port, PgCluster};
+
 use crate::broker::Broker;
-use crate::cluster::{free_port, PgCluster};
 use crate::process::{self, Guarded, TempDir};
 use crate::resources;
 use crate::results::{MachineUsage, Usage};
+
+/// Settings appended to the test kit's postgresql.conf. `fsync = off` (the kit's
+/// default too): the benchmark measures the relay, not this machine's disk
+/// (commits still flush WAL to the OS, so logical decoding sees them exactly when
+/// it would with fsync on).
+pub const PG_SETTINGS: &[(&str, &str)] = &[
+    ("max_wal_senders", "10"),
+    ("max_replication_slots", "10"),
+    ("max_connections", "100"),
+    ("fsync", "off"),
+    ("full_page_writes", "off"),
+    ("synchronous_commit", "on"),
+    ("shared_buffers", "512MB"),
+    ("max_wal_size", "8GB"),
+    ("checkpoint_timeout", "30min"),
+    // The polling baseline reads each row's commit time with pg_xact_commit_timestamp.
+    ("track_commit_timestamp", "on"),
+    ("log_replication_commands", "off"),
+];
 
 /// The outbox table the relay streams, its publication and slots.
 pub const RELAY_TABLE: &str = "public.outbox_events";
@@ -54,9 +74,6 @@ pub struct Ctx {
     /// Logs of the processes under test, summaries of the subcommands.
     pub scratch: TempDir,
     pub settings: Settings,
-    pub tansu: PathBuf,
-    pub work_dir: PathBuf,
-    pub keep_temp: bool,
     /// Relay processes started so far (each logs to its own file).
     pub relays_started: std::cell::Cell<usize>,
     /// HTTP port of the relay started last (its /metrics).
@@ -81,8 +98,11 @@ impl Ctx {
         Snapshot {
             at: Instant::now(),
             subject: subject.and_then(resources::sample),
-            pg_cpu_s: resources::tree_cpu_s(self.pg.pid()),
-            broker_cpu_s: resources::sample(self.broker.pid())
+            pg_cpu_s: self.pg.pid().map(resources::tree_cpu_s).unwrap_or(0.0),
+            broker_cpu_s: self
+                .broker
+                .pid()
+                .and_then(resources::sample)
                 .map(|s| s.cpu_s)
                 .unwrap_or(0.0),
             bench_cpu_s: resources::self_sample().cpu_s,
@@ -130,7 +150,7 @@ impl Ctx {
     pub fn spawn_relay(&self) -> Result<Guarded, String> {
         self.relays_started.set(self.relays_started.get() + 1);
         let (out, err) = self.log_file(&self.relay_log_name())?;
-        let http = free_port().map_err(|e| e.to_string())?;
+        let http = free_port();
         self.relay_http_port.set(http);
         let mut cmd = Command::new(&self.relay_bin);
         cmd.args(self.relay_args())
@@ -173,7 +193,7 @@ impl Ctx {
     /// storage) and warms it up. tansu slows down as its memory storage fills
     /// (its CPU per record grows), so every measurement starts on an empty one.
     pub async fn fresh_broker(&mut self) -> Result<(), String> {
-        let new = Broker::start(&self.tansu, &self.work_dir, self.keep_temp)?;
+        let new = Broker::start(self.broker.kind())?;
         drop(std::mem::replace(&mut self.broker, new));
         self.broker.warm_up().await
     }
@@ -249,7 +269,10 @@ impl Between {
 
 /// A SQL client, or an error string.
 pub async fn sql(ctx: &Ctx) -> Result<tokio_postgres::Client, String> {
-    ctx.pg.client().await
+    ctx.pg
+        .try_client()
+        .await
+        .map_err(|e| format!("connect to {}: {e}", ctx.pg.url()))
 }
 
 /// `confirmed_flush_lsn` of a slot as a number.
@@ -266,7 +289,7 @@ pub async fn slot_confirmed(
         .map_err(|e| format!("read slot {slot}: {e}"))?;
     Ok(row
         .and_then(|r| r.get::<_, Option<String>>(0))
-        .and_then(|t| crate::cluster::parse_lsn(&t)))
+        .and_then(|t| parse_lsn(&t)))
 }
 
 pub async fn current_lsn(client: &tokio_postgres::Client) -> Result<u64, String> {
@@ -275,7 +298,7 @@ pub async fn current_lsn(client: &tokio_postgres::Client) -> Result<u64, String>
         .await
         .map_err(|e| format!("pg_current_wal_lsn: {e}"))?
         .get(0);
-    crate::cluster::parse_lsn(&t).ok_or_else(|| format!("bad LSN {t}"))
+    parse_lsn(&t).ok_or_else(|| format!("bad LSN {t}"))
 }
 
 /// Waits for the relay to log `needle`; `None` after `timeout` or if it exited.
@@ -324,4 +347,10 @@ pub fn relay_ack_buckets(port: u16) -> Result<Vec<(f64, f64)>, String> {
             _ => None,
         })
         .ok_or_else(|| format!("{url} has no {name} histogram"))
+}
+
+/// `0/16B3748` → its position.
+pub fn parse_lsn(lsn: &str) -> Option<u64> {
+    let (hi, lo) = lsn.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
 }

@@ -152,7 +152,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<(CatchUp, Guarded), String> {
     say!("catch-up: pg_recvlogical ceiling");
     let endpos = format!("{:X}/{:X}", end_lsn >> 32, end_lsn & 0xffff_ffff);
     let (o, e) = ctx.log_file("pg_recvlogical.log")?;
-    let mut cmd = Command::new(ctx.pg.bindir.join("pg_recvlogical"));
+    let mut cmd = Command::new(ctx.pg.bindir().join("pg_recvlogical"));
     cmd.arg("-d")
         .arg(ctx.pg.conninfo())
         .args(["--slot", CEILING_SLOT, "--start", "--no-loop", "-F", "0"])

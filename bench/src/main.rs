@@ -14,7 +14,7 @@
 //! (default `target/bench/`).
 //!
 //! ```text
-//! cargo run --release --bin outbox-bench -- [--quick]
+//! cargo run --release -p outbox-bench -- [--quick] [--broker mock]
 //! ```
 //!
 //! Every process it starts is stopped on every way out: normal end, error,
@@ -30,7 +30,6 @@ macro_rules! say {
 
 mod broker;
 mod catchup;
-mod cluster;
 mod load;
 mod plot;
 mod polling;
@@ -50,7 +49,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::process::TempDir;
 use crate::results::{Meta, Results};
-use crate::scenarios::{sql, Ctx, Settings, RELAY_TABLE};
+use crate::scenarios::{sql, Ctx, Settings, PG_SETTINGS, RELAY_TABLE};
 use crate::steady::Subject;
 
 /// Benchmark outbox-relay against pg_recvlogical, raw rdkafka and a polling relay.
@@ -130,6 +129,10 @@ struct BenchArgs {
     /// PostgreSQL bindir (17: /opt/outbox-relay-deps/pg17/bin)
     #[arg(long, default_value = "/usr/lib/postgresql/15/bin")]
     pg_bindir: PathBuf,
+    /// The broker: tansu (a separate process) or librdkafka's mock cluster in
+    /// this process (an ideal broker, to measure the relay apart from tansu)
+    #[arg(long, value_enum, default_value_t = broker::Kind::Tansu)]
+    broker: broker::Kind,
     /// The tansu binary [default: $OUTBOX_RELAY_TANSU, ~/.cargo/bin/tansu, PATH]
     #[arg(long)]
     tansu: Option<PathBuf>,
@@ -239,7 +242,8 @@ fn relay_binary(a: &BenchArgs, exe: &Path) -> Result<PathBuf, String> {
         .parent()
         .ok_or("cannot locate this program's directory")?;
     let release = dir.file_name().is_some_and(|n| n == "release");
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+    // The product is the workspace's root package, one level above this crate.
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
     say!(
         "building the relay: cargo build{} --bin outbox-relay",
         if release { " --release" } else { "" }
@@ -267,6 +271,15 @@ fn relay_binary(a: &BenchArgs, exe: &Path) -> Result<PathBuf, String> {
 }
 
 /// Ctrl-C / SIGTERM: stop every child, remove temp dirs, exit 130.
+/// What `postgres --version` prints.
+fn pg_version(bindir: &Path) -> String {
+    Command::new(bindir.join("postgres"))
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
 fn install_interrupt_handler(runtime: &tokio::runtime::Runtime) {
     runtime.spawn(async {
         use tokio::signal::unix::{signal, SignalKind};
@@ -281,9 +294,12 @@ fn install_interrupt_handler(runtime: &tokio::runtime::Runtime) {
             _ = term.recv() => {}
         }
         say!("interrupted: stopping every process the benchmark started");
-        tokio::task::spawn_blocking(process::stop_all_registered)
-            .await
-            .ok();
+        tokio::task::spawn_blocking(|| {
+            process::stop_all_registered();
+            testkit::process::stop_all();
+        })
+        .await
+        .ok();
         std::process::exit(130);
     });
 }
@@ -309,10 +325,22 @@ fn bench(a: BenchArgs) -> Result<(), String> {
     let build_began = Instant::now();
     let relay_bin = relay_binary(&a, &exe)?;
     let relay_build_s = build_began.elapsed().as_secs_f64();
-    let tansu = broker::find_tansu(a.tansu.as_deref())?;
-    say!("starting PostgreSQL ({}) and tansu", a.pg_bindir.display());
-    let pg = cluster::PgCluster::start(&a.pg_bindir, &a.work_dir, a.keep_temp)?;
-    let broker = broker::Broker::start(&tansu, &a.work_dir, a.keep_temp)?;
+    // The test kit's servers take these from the environment; set before any
+    // thread that reads it is started.
+    std::env::set_var("OUTBOX_RELAY_TEST_TMPDIR", &a.work_dir);
+    if a.keep_temp {
+        std::env::set_var("OUTBOX_RELAY_KEEP_TEMP", "1");
+    }
+    if let Some(tansu) = &a.tansu {
+        std::env::set_var("OUTBOX_RELAY_TANSU", tansu);
+    }
+    say!(
+        "starting PostgreSQL ({}) and {}",
+        a.pg_bindir.display(),
+        a.broker
+    );
+    let pg = testkit::PgCluster::start_at(&a.pg_bindir, PG_SETTINGS);
+    let broker = broker::Broker::start(a.broker)?;
     let scratch = TempDir::new(&a.work_dir, "outbox-bench-run-", a.keep_temp)
         .map_err(|e| format!("create a temp dir: {e}"))?;
     let mut ctx = Ctx {
@@ -322,9 +350,6 @@ fn bench(a: BenchArgs) -> Result<(), String> {
         self_exe: exe.clone(),
         scratch,
         settings: s.clone(),
-        tansu,
-        work_dir: a.work_dir.clone(),
-        keep_temp: a.keep_temp,
         relays_started: Default::default(),
         relay_http_port: Default::default(),
     };
@@ -338,13 +363,13 @@ fn bench(a: BenchArgs) -> Result<(), String> {
             load_average_at_start: std::fs::read_to_string("/proc/loadavg")
                 .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
                 .unwrap_or_default(),
-            postgres_version: ctx.pg.version.clone(),
-            postgres_settings: cluster::SETTINGS
+            postgres_version: pg_version(ctx.pg.bindir()),
+            postgres_settings: PG_SETTINGS
                 .iter()
                 .filter(|(k, _)| !k.starts_with("log") && *k != "listen_addresses")
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            broker: ctx.broker.version.clone(),
+            broker: ctx.broker.version(),
             relay_binary: ctx.relay_bin.display().to_string(),
             relay_build_s,
             relay_args: ctx
@@ -393,13 +418,17 @@ fn bench(a: BenchArgs) -> Result<(), String> {
     if let Err(e) = &outcome {
         say!("failed: {e}");
         for (what, path) in [
-            ("PostgreSQL", ctx.pg.log_path()),
+            ("PostgreSQL", Some(ctx.pg.log_path())),
             ("tansu", ctx.broker.log_path()),
         ] {
-            eprintln!(
-                "----- last lines of the {what} log -----\n{}",
-                cluster::tail(&path, 20)
-            );
+            if let Some(path) = path {
+                let text =
+                    String::from_utf8_lossy(&std::fs::read(&path).unwrap_or_default()).into_owned();
+                eprintln!(
+                    "----- last lines of the {what} log -----\n{}",
+                    testkit::process::tail(&text, 20)
+                );
+            }
         }
     }
     drop(ctx);
