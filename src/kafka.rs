@@ -73,6 +73,9 @@ pub struct DeliveryToken {
     /// Commit time of the row's transaction (µs since 2000-01-01), for latency.
     pub commit_time: i64,
     pub position: RecordPosition,
+    /// When the producer took the record (the broker stage's start); `None`
+    /// where not measured (replay).
+    pub handed: Option<std::time::Instant>,
 }
 
 /// A record the producer gave up on.

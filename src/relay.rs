@@ -48,6 +48,7 @@ mod letgo;
 mod poison;
 mod progress;
 mod session;
+mod stages;
 
 use holder::terminate_stale_holder;
 use lag::sample_lag;
@@ -633,6 +634,7 @@ impl Relay {
             known_topics: HashSet::new(),
             warned_tables: HashSet::new(),
             last_status: Instant::now(),
+            received: stages::Received::now(),
             burst_produced: None,
             delivery: self.delivery.for_session(confirmed),
         };

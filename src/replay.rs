@@ -421,6 +421,7 @@ pub async fn replay_table(
             bytes: record.size(),
             commit_time: 0,
             position: Default::default(),
+            handed: None,
         };
         loop {
             match sink.send(&record, token) {

@@ -336,6 +336,7 @@ async fn a_replaced_producer_finishes_its_records_before_it_is_dropped() {
         bytes: 2,
         commit_time: 0,
         position: RecordPosition::default(),
+        handed: None,
     };
     // Let the request reach the (slow) broker, then replace the producer.
     sink.send(&record, token).unwrap();

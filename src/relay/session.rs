@@ -43,6 +43,8 @@ pub(super) struct Session<'a> {
     pub(super) known_topics: HashSet<Arc<str>>,
     pub(super) warned_tables: HashSet<String>,
     pub(super) last_status: Instant,
+    /// When the frames being handled were read ([`super::stages`]).
+    pub(super) received: super::stages::Received,
     /// Records handed to the producer in the current burst, for the metrics
     /// (see `after_intake`): topic, records, bytes.
     pub(super) burst_produced: Option<(Arc<str>, u64, u64)>,
@@ -137,7 +139,7 @@ impl Session<'_> {
                     // Reports come in bursts (one per record of a produce
                     // batch): take what is already there in this wake-up,
                     // with one clock reading for all of them.
-                    let now = SystemTime::now();
+                    let now = (SystemTime::now(), Instant::now());
                     let mut acked = u64::from(self.on_sink_event(event, now)?);
                     for _ in 1..BURST {
                         let Some(event) = sink.try_next_event() else { break };
@@ -175,6 +177,7 @@ impl Session<'_> {
                     }
                 }
                 msg = stream.next_message(), if intake => {
+                    self.received = super::stages::Received::now();
                     match msg? {
                         Some(msg) => self.on_replication_message(msg, stream, sink).await?,
                         None => return Err(RelayError::StreamEnded),
@@ -266,7 +269,11 @@ impl Session<'_> {
 
     /// One producer report, received at `now`; `Ok(true)` when it acknowledged
     /// a record of this session.
-    fn on_sink_event(&mut self, event: SinkEvent, now: SystemTime) -> Result<bool, RelayError> {
+    fn on_sink_event(
+        &mut self,
+        event: SinkEvent,
+        now: (SystemTime, Instant),
+    ) -> Result<bool, RelayError> {
         match event {
             SinkEvent::Delivered(token) => {
                 if token.generation != self.generation {
@@ -276,7 +283,8 @@ impl Session<'_> {
                 self.window.bytes -= token.bytes;
                 self.tracker.ack(token.txn)?;
                 self.metrics
-                    .ack_latency(latency_since_commit(token.commit_time, now));
+                    .ack_latency(latency_since_commit(token.commit_time, now.0));
+                self.acknowledged(&token, now.1);
                 Ok(true)
             }
             SinkEvent::Failed(failure) => self.on_delivery_failed(failure),
@@ -513,6 +521,7 @@ impl Session<'_> {
             sink.prepare_topic(&record.topic).await?;
             self.known_topics.insert(record.topic.clone());
         }
+        self.row_received(txn.commit_time);
         let token = DeliveryToken {
             generation: self.generation,
             txn: self
@@ -522,6 +531,7 @@ impl Session<'_> {
             bytes: record.size(),
             commit_time: txn.commit_time,
             position: self.next_position(txn),
+            handed: None,
         };
         self.send_record(sink, record, token)
     }
@@ -531,10 +541,12 @@ impl Session<'_> {
         &mut self,
         sink: &KafkaSink,
         record: OutboxRecord,
-        token: DeliveryToken,
+        mut token: DeliveryToken,
     ) -> Result<(), RelayError> {
+        Self::handing(&mut token);
         match sink.send(&record, token) {
             Ok(()) => {
+                self.handed(&token);
                 // Counted only once librdkafka holds it, so a refused record
                 // never leaves its transaction waiting for an acknowledgement.
                 self.tracker.record_sent()?;

@@ -451,6 +451,7 @@ impl Drop for RelayProcess {
 
 pub mod outbox;
 pub mod proxy;
+pub mod scrape;
 
 impl Broker {
     /// A broker behind `proxy`: it advertises the proxy's address in its metadata
