@@ -30,6 +30,24 @@ impl std::fmt::Display for Kind {
     }
 }
 
+/// What a broker of `kind` is, for the report.
+pub fn describe(kind: Kind) -> String {
+    match kind {
+        Kind::Tansu => {
+            let v = std::process::Command::new(testkit::tansu_binary())
+                .arg("--version")
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                .unwrap_or_default();
+            format!("{v} (memory storage)")
+        }
+        Kind::Mock => format!(
+            "librdkafka {} mock cluster (in the benchmark's process)",
+            rdkafka::util::get_rdkafka_version().1
+        ),
+    }
+}
+
 pub enum Broker {
     Tansu(testkit::Broker),
     Mock(MockCluster<'static, DefaultProducerContext>),
@@ -66,16 +84,6 @@ impl Broker {
         match self {
             Broker::Tansu(b) => b.pid(),
             Broker::Mock(_) => None,
-        }
-    }
-
-    pub fn version(&self) -> String {
-        match self {
-            Broker::Tansu(b) => b.version(),
-            Broker::Mock(_) => format!(
-                "librdkafka {} mock cluster (in the benchmark's process)",
-                rdkafka::util::get_rdkafka_version().1
-            ),
         }
     }
 

@@ -35,6 +35,7 @@ mod plot;
 mod polling;
 mod process;
 mod rawproduce;
+mod rawstream;
 mod report;
 mod resources;
 mod results;
@@ -70,6 +71,9 @@ enum Sub {
     /// (internal) the raw rdkafka producer of the catch-up comparison
     #[command(hide = true)]
     RawProduce(rawproduce::RawArgs),
+    /// (internal) the Rust replication client of the catch-up ceiling
+    #[command(hide = true)]
+    RawStream(rawstream::StreamArgs),
 }
 
 #[derive(Debug, Args)]
@@ -83,11 +87,11 @@ struct BenchArgs {
     /// Approximate payload size of every event, bytes
     #[arg(long, default_value_t = 1000)]
     payload_bytes: usize,
-    /// Rows per transaction in the catch-up backlog
-    #[arg(long, default_value_t = 1)]
-    backlog_txn_rows: usize,
+    /// Rows per transaction of the catch-up backlogs, one catch-up each
+    #[arg(long, value_delimiter = ',', default_value = "1,1000")]
+    backlog_txn_rows: Vec<usize>,
     /// Steady insert rates, events/s
-    #[arg(long, value_delimiter = ',', default_value = "1000,5000,20000")]
+    #[arg(long, value_delimiter = ',', default_value = "2000,5000,20000")]
     rates: Vec<u64>,
     /// Warm-up before each steady window [default: 2s; quick: 1s]
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -99,7 +103,7 @@ struct BenchArgs {
     #[arg(long, value_parser = humantime::parse_duration)]
     slow_poll_window: Option<Duration>,
     /// Writer connections for 1-row transactions
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 16)]
     writers: usize,
     /// Writer connections for multi-row transactions
     #[arg(long, default_value_t = 2)]
@@ -129,10 +133,17 @@ struct BenchArgs {
     /// PostgreSQL bindir (17: /opt/outbox-relay-deps/pg17/bin)
     #[arg(long, default_value = "/usr/lib/postgresql/15/bin")]
     pg_bindir: PathBuf,
-    /// The broker: tansu (a separate process) or librdkafka's mock cluster in
-    /// this process (an ideal broker, to measure the relay apart from tansu)
-    #[arg(long, value_enum, default_value_t = broker::Kind::Tansu)]
-    broker: broker::Kind,
+    /// Brokers, in order: tansu (a separate process) and/or librdkafka's mock
+    /// cluster in this process (an ideal broker, to measure the relay apart
+    /// from tansu). Catch-up, relay windows and the broker floor run on each;
+    /// the polling baseline on the first
+    #[arg(
+        long = "broker",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "tansu,mock"
+    )]
+    brokers: Vec<broker::Kind>,
     /// The tansu binary [default: $OUTBOX_RELAY_TANSU, ~/.cargo/bin/tansu, PATH]
     #[arg(long)]
     tansu: Option<PathBuf>,
@@ -175,6 +186,7 @@ fn main() -> ExitCode {
     let result = match cli.sub {
         Some(Sub::PollRelay(a)) => polling::main(a),
         Some(Sub::RawProduce(a)) => rawproduce::main(a),
+        Some(Sub::RawStream(a)) => rawstream::main(a),
         None => bench(cli.bench),
     };
     match result {
@@ -191,7 +203,8 @@ fn settings(a: &BenchArgs) -> Settings {
     Settings {
         events: a.events.unwrap_or(if q { 20_000 } else { 200_000 }),
         payload_bytes: a.payload_bytes,
-        backlog_txn_rows: a.backlog_txn_rows.max(1),
+        backlog_txn_rows: a.backlog_txn_rows.iter().map(|&r| r.max(1)).collect(),
+        brokers: a.brokers.clone(),
         rates: a.rates.clone(),
         warmup: a
             .warmup
@@ -334,13 +347,13 @@ fn bench(a: BenchArgs) -> Result<(), String> {
     if let Some(tansu) = &a.tansu {
         std::env::set_var("OUTBOX_RELAY_TANSU", tansu);
     }
+    let first = *a.brokers.first().ok_or("--broker names no broker")?;
     say!(
-        "starting PostgreSQL ({}) and {}",
-        a.pg_bindir.display(),
-        a.broker
+        "starting PostgreSQL ({}) and {first}",
+        a.pg_bindir.display()
     );
     let pg = testkit::PgCluster::start_at(&a.pg_bindir, PG_SETTINGS);
-    let broker = broker::Broker::start(a.broker)?;
+    let broker = broker::Broker::start(first)?;
     let scratch = TempDir::new(&a.work_dir, "outbox-bench-run-", a.keep_temp)
         .map_err(|e| format!("create a temp dir: {e}"))?;
     let mut ctx = Ctx {
@@ -369,7 +382,12 @@ fn bench(a: BenchArgs) -> Result<(), String> {
                 .filter(|(k, _)| !k.starts_with("log") && *k != "listen_addresses")
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            broker: ctx.broker.version(),
+            broker: a
+                .brokers
+                .iter()
+                .map(|&k| broker::describe(k))
+                .collect::<Vec<_>>()
+                .join("; "),
             relay_binary: ctx.relay_bin.display().to_string(),
             relay_build_s,
             relay_args: ctx
@@ -385,7 +403,7 @@ fn bench(a: BenchArgs) -> Result<(), String> {
                 .collect(),
             events: s.events,
             payload_bytes: s.payload_bytes,
-            backlog_txn_rows: s.backlog_txn_rows,
+            backlog_txn_rows: s.backlog_txn_rows.clone(),
             rates: s.rates.clone(),
             warmup_s: s.warmup.as_secs_f64(),
             window_s: s.window.as_secs_f64(),
@@ -450,50 +468,61 @@ async fn run_scenarios(
 ) -> Result<(), String> {
     ctx.broker.warm_up().await?;
     catchup::prepare(ctx).await?;
-    if want("catchup") {
-        let (c, mut relay) = catchup::run(ctx).await?;
-        results.catch_up = Some(c);
-        relay.stop(Duration::from_secs(30));
-        // Let PostgreSQL settle before the latency windows: without this they
-        // measured autovacuum of the backlog and the checkpoint of its WAL
-        // (the relay's 1-row p99 at 1k/s read 19-23 ms right after catch-up,
-        // 7-9 ms on a settled database). The rows were delivered and counted.
-        say!("catch-up: truncating the backlog and checkpointing before the steady windows");
-        sql(ctx)
-            .await?
-            .batch_execute(&format!("TRUNCATE {RELAY_TABLE}; CHECKPOINT"))
-            .await
-            .map_err(|e| format!("settle after catch-up: {e}"))?;
-    }
-    // Every window starts on a fresh broker and a fresh process under test, so
-    // neither earlier data in tansu nor an earlier window's memory counts.
-    if want("steady") {
-        for rows in [1, s.txn_rows] {
+    for (i, &kind) in s.brokers.iter().enumerate() {
+        if ctx.broker.kind() != kind {
+            ctx.broker = broker::Broker::start(kind)?;
+            ctx.broker.warm_up().await?;
+        }
+        if want("catchup") {
+            for &rows in &s.backlog_txn_rows {
+                let (c, mut relay) = catchup::run(ctx, rows).await?;
+                results.catch_up.push(c);
+                relay.stop(Duration::from_secs(30));
+                // Let PostgreSQL settle before what follows: without this the
+                // latency windows measured autovacuum of the backlog and the
+                // checkpoint of its WAL (the relay's 1-row p99 at 1k/s read
+                // 19-23 ms right after catch-up, 7-9 ms on a settled
+                // database). The rows were delivered and counted.
+                say!("catch-up: truncating the backlog and checkpointing");
+                sql(ctx)
+                    .await?
+                    .batch_execute(&format!("TRUNCATE {RELAY_TABLE}; CHECKPOINT"))
+                    .await
+                    .map_err(|e| format!("settle after catch-up: {e}"))?;
+            }
+        }
+        // Every window starts on a fresh broker and a fresh process under
+        // test, so neither earlier data in tansu nor an earlier window's
+        // memory counts.
+        if want("steady") {
+            for rows in [1, s.txn_rows] {
+                for &rate in &s.rates {
+                    ctx.fresh_broker().await?;
+                    let mut relay = ctx.start_relay().await?;
+                    let w =
+                        steady::window(ctx, &mut Subject::Relay(&mut relay), rows, rate).await?;
+                    // SIGTERM drains and confirms: the next relay starts after this one.
+                    relay.stop(Duration::from_secs(30));
+                    results.steady.push(w);
+                }
+            }
+        }
+        if want("floor") {
             for &rate in &s.rates {
                 ctx.fresh_broker().await?;
-                let mut relay = ctx.start_relay().await?;
-                let w = steady::window(ctx, &mut Subject::Relay(&mut relay), rows, rate).await?;
-                // SIGTERM drains and confirms: the next relay starts after this one.
-                relay.stop(Duration::from_secs(30));
+                let w = steady::window(ctx, &mut Subject::BrokerFloor, 1, rate).await?;
                 results.steady.push(w);
             }
         }
-    }
-    if want("floor") {
-        for &rate in &s.rates {
-            ctx.fresh_broker().await?;
-            let w = steady::window(ctx, &mut Subject::BrokerFloor, 1, rate).await?;
-            results.steady.push(w);
-        }
-    }
-    if want("polling") {
-        for &interval in &s.poll_intervals {
-            for &rows in &s.poll_modes {
-                for &rate in &s.rates {
-                    ctx.fresh_broker().await?;
-                    let w =
-                        steady::window(ctx, &mut Subject::Polling { interval }, rows, rate).await?;
-                    results.steady.push(w);
+        if want("polling") && i == 0 {
+            for &interval in &s.poll_intervals {
+                for &rows in &s.poll_modes {
+                    for &rate in &s.rates {
+                        ctx.fresh_broker().await?;
+                        let w = steady::window(ctx, &mut Subject::Polling { interval }, rows, rate)
+                            .await?;
+                        results.steady.push(w);
+                    }
                 }
             }
         }
@@ -519,14 +548,21 @@ fn add_notes(r: &mut Results) {
             ));
         }
     }
-    if let Some(c) = &r.catch_up {
+    for c in &r.catch_up {
         if c.relay_records_verified != c.events {
             notes.push(format!(
-                "catch-up: the relay's topic holds {} records by consuming, expected {}.",
-                c.relay_records_verified, c.events
+                "catch-up ({}, {} row(s)/txn): the relay's topic holds {} records by consuming, \
+                 expected {}.",
+                c.broker, c.txn_rows, c.relay_records_verified, c.events
             ));
         }
     }
+    notes.push(
+        "`@mock` rows and the mock catch-ups ran on librdkafka's mock cluster, hosted in the \
+         benchmark's process: it acknowledges at once, so they measure the relay apart from \
+         tansu; its CPU is counted in the bench's, not as broker CPU."
+            .into(),
+    );
     notes.push(
         "The broker is tansu (memory storage), not Apache Kafka: broker-side figures \
          (raw producer, broker CPU, the broker floor) are tansu's. tansu answers a fetch only \

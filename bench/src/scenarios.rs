@@ -45,7 +45,10 @@ pub const CEILING_SLOT: &str = "bench_ceiling";
 pub struct Settings {
     pub events: u64,
     pub payload_bytes: usize,
-    pub backlog_txn_rows: usize,
+    /// Catch-up backlog shapes: rows per transaction, one catch-up each.
+    pub backlog_txn_rows: Vec<usize>,
+    /// Brokers to run on, in order (the polling baseline runs on the first).
+    pub brokers: Vec<crate::broker::Kind>,
     pub rates: Vec<u64>,
     pub warmup: Duration,
     pub window: Duration,
@@ -139,6 +142,11 @@ impl Ctx {
             "--status-interval".into(),
             "100ms".into(),
         ];
+        if self.broker.kind() == crate::broker::Kind::Mock {
+            // The mock cluster does not answer CreateTopics; the benchmark
+            // creates every topic before the relay needs it.
+            args.push("--no-create-topics".into());
+        }
         for (k, v) in &self.settings.producer_properties {
             args.push("--kafka-property".into());
             args.push(format!("{k}={v}"));
@@ -324,9 +332,12 @@ pub fn path_str(p: &Path) -> String {
     p.display().to_string()
 }
 
-/// Cumulative buckets (upper bound in seconds, count) of the relay's
-/// commit → broker-acknowledgement histogram, read from its /metrics.
-pub fn relay_ack_buckets(port: u16) -> Result<Vec<(f64, f64)>, String> {
+/// Cumulative buckets (upper bound in seconds, count) of one histogram series.
+pub type Buckets = Vec<(f64, f64)>;
+
+/// The relay's latency histograms from its /metrics: commit → broker
+/// acknowledgement (`""`), and its stages (`server`, `relay`, `broker`).
+pub fn relay_histograms(port: u16) -> Result<Vec<(String, Buckets)>, String> {
     let url = format!("http://127.0.0.1:{port}/metrics");
     let body = ureq::get(&url)
         .timeout(Duration::from_secs(5))
@@ -336,17 +347,40 @@ pub fn relay_ack_buckets(port: u16) -> Result<Vec<(f64, f64)>, String> {
         .map_err(|e| format!("read {url}: {e}"))?;
     let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
         .map_err(|e| format!("parse {url}: {e}"))?;
-    let name = outbox_relay::metrics::names::END_TO_END_LATENCY_SECONDS;
-    scrape
+    use outbox_relay::metrics::names::{END_TO_END_LATENCY_SECONDS, STAGE_LATENCY_SECONDS};
+    let out: Vec<(String, Buckets)> = scrape
         .samples
         .iter()
-        .find_map(|s| match &s.value {
-            prometheus_parse::Value::Histogram(h) if s.metric.starts_with(name) => {
-                Some(h.iter().map(|b| (b.less_than, b.count)).collect::<Vec<_>>())
+        .filter_map(|s| match &s.value {
+            prometheus_parse::Value::Histogram(h)
+                if s.metric == END_TO_END_LATENCY_SECONDS || s.metric == STAGE_LATENCY_SECONDS =>
+            {
+                let key = s.labels.get("stage").unwrap_or("").to_string();
+                Some((key, h.iter().map(|b| (b.less_than, b.count)).collect()))
             }
             _ => None,
         })
-        .ok_or_else(|| format!("{url} has no {name} histogram"))
+        .collect();
+    if !out.iter().any(|(k, _)| k.is_empty()) {
+        return Err(format!(
+            "{url} has no {END_TO_END_LATENCY_SECONDS} histogram"
+        ));
+    }
+    Ok(out)
+}
+
+/// Moves the relay's (inactive) slot to the current position, so that a
+/// catch-up decodes only its backlog, as the ceiling's fresh slot does (other
+/// scenarios' WAL would otherwise count against the relay).
+pub async fn advance_relay_slot(client: &tokio_postgres::Client) -> Result<(), String> {
+    client
+        .execute(
+            "SELECT pg_replication_slot_advance($1, pg_current_wal_lsn())",
+            &[&RELAY_SLOT],
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("advance slot {RELAY_SLOT}: {e}"))
 }
 
 /// `0/16B3748` → its position.
