@@ -382,11 +382,18 @@ pub async fn run(ctx: &mut Ctx, txn_rows: usize) -> Result<(CatchUp, Guarded), S
     say!("catch-up: counting the relay's records in Kafka");
     let bootstrap = ctx.broker.bootstrap();
     let events = s.events;
-    out.relay_records_verified = tokio::task::spawn_blocking(move || {
-        load::count_records(&bootstrap, &topic, events, Duration::from_secs(300))
-    })
-    .await
-    .map_err(|e| e.to_string())?;
+    let mock = ctx.broker.kind() == crate::broker::Kind::Mock;
+    out.relay_records_verified = if mock {
+        None
+    } else {
+        Some(
+            tokio::task::spawn_blocking(move || {
+                load::count_records(&bootstrap, &topic, events, Duration::from_secs(300))
+            })
+            .await
+            .map_err(|e| e.to_string())?,
+        )
+    };
     ctx.broker
         .delete_topics(&[format!("outbox.event.{CATCHUP_TYPE}")])
         .await;

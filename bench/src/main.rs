@@ -549,11 +549,14 @@ fn add_notes(r: &mut Results) {
         }
     }
     for c in &r.catch_up {
-        if c.relay_records_verified != c.events {
+        if c.relay_records_verified.is_some_and(|n| n != c.events) {
             notes.push(format!(
                 "catch-up ({}, {} row(s)/txn): the relay's topic holds {} records by consuming, \
                  expected {}.",
-                c.broker, c.txn_rows, c.relay_records_verified, c.events
+                c.broker,
+                c.txn_rows,
+                c.relay_records_verified.unwrap_or(0),
+                c.events
             ));
         }
     }

@@ -108,8 +108,10 @@ pub struct CatchUp {
     pub relay_cpu_ratio_to_raw: f64,
     /// Seconds from the relay's start to its "streaming" log line.
     pub relay_startup_s: Option<f64>,
-    /// Records of the relay's topic, counted by consuming it afterwards.
-    pub relay_records_verified: u64,
+    /// Records of the relay's topic, counted by consuming it afterwards;
+    /// `None` on the mock broker, which keeps only the last 5 MiB (or 100,000
+    /// records) of a partition.
+    pub relay_records_verified: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
