@@ -258,11 +258,14 @@ fn relay_binary(a: &BenchArgs, exe: &Path) -> Result<PathBuf, String> {
     // The product is the workspace's root package, one level above this crate.
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
     say!(
-        "building the relay: cargo build{} --bin outbox-relay",
+        "building the relay: cargo build{} --workspace --bins",
         if release { " --release" } else { "" }
     );
+    // `--workspace`: the dependencies' features as when this program was
+    // built, so cargo reuses them (building the relay package alone selects
+    // other features and rebuilds a good part of them).
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.args(["build", "--bin", "outbox-relay", "--manifest-path"])
+    cmd.args(["build", "--workspace", "--bins", "--manifest-path"])
         .arg(&manifest);
     if release {
         cmd.arg("--release");
