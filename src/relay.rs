@@ -26,20 +26,20 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
-use crate::ack::AckTracker;
+use crate::ack::{AckError, AckTracker};
 use crate::config::Config;
-use crate::kafka::{KafkaSink, SinkSettings};
+use crate::kafka::{KafkaSink, KafkaSinkError, SinkSettings};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
-use crate::outbox::OutboxMapper;
-use crate::pgoutput::Decoder;
+use crate::outbox::{MappingError, OutboxMapper};
+use crate::pgoutput::{DecodeError, Decoder};
 use crate::replication::{ReplicationClient, ReplicationError};
-use crate::setup;
+use crate::setup::{self, Problem};
 
 mod delivery;
-mod error;
 mod facts;
 mod holder;
 mod identity;
@@ -47,11 +47,10 @@ mod lag;
 mod letgo;
 mod poison;
 mod progress;
-mod reconnect;
 mod session;
 mod stages;
 
-pub use error::{Disposition, RelayError};
+use holder::terminate_stale_holder;
 use lag::sample_lag;
 use session::Session;
 
@@ -78,6 +77,189 @@ const QUEUE_FULL_RETRY: Duration = Duration::from_millis(5);
 /// enough to take a whole socket read (or produce batch) at once, small enough
 /// that status updates and shutdown never wait long behind a burst.
 const BURST: usize = 512;
+
+/// What to do about an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Reconnect from the slot after a backoff (at-least-once, never skip).
+    Retry,
+    /// Stop: a human must act (the message says what to do).
+    Fatal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("PostgreSQL is not ready for the relay:\n{}", render(.0))]
+    Preflight(Vec<Problem>),
+    #[error(transparent)]
+    Setup(#[from] setup::SetupError),
+    #[error("SQL connection: {0}")]
+    Sql(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    #[error(
+        "cannot decode the replication stream: {0}; please report this with the PostgreSQL version"
+    )]
+    Decode(#[from] DecodeError),
+    #[error("{0}")]
+    Mapping(#[from] MappingError),
+    #[error("the replication stream broke the transaction framing: {0}")]
+    Framing(#[from] AckError),
+    #[error(transparent)]
+    Kafka(#[from] KafkaSinkError),
+    #[error("Kafka did not acknowledge a record for topic {topic}: {error}")]
+    Delivery { topic: String, error: String },
+    #[error(
+        "the Kafka producer hit a fatal error ({0}); rebuilding it and resuming from the slot"
+    )]
+    ProducerFatal(String),
+    #[error("replication slot {slot:?} does not exist and slot creation is off; create it (SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')) or enable postgres.create_slot")]
+    SlotMissing { slot: String },
+    #[error("replication slot {slot:?} is invalidated ({reason}): PostgreSQL removed WAL it still needed, so events may be missing; drop it (SELECT pg_drop_replication_slot('{slot}')), let the relay create a new one, and backfill from the outbox table")]
+    SlotInvalidated { slot: String, reason: String },
+    #[error("replication slot {slot:?} uses plugin {plugin:?}, not pgoutput; use another slot name or drop it")]
+    SlotPlugin { slot: String, plugin: String },
+    #[error("unexpected pgoutput message {0}: the relay does not enable streaming or two-phase decoding")]
+    Unexpected(&'static str),
+    #[error("PostgreSQL ended the replication stream")]
+    StreamEnded,
+    #[error("poison row ({class}): {reason}. The relay stops rather than skip it; fix the row or the mapping, or {divert}")]
+    Poison {
+        class: &'static str,
+        reason: String,
+        /// How to divert such rows instead, given what is configured.
+        divert: String,
+    },
+    #[error("--start-lsn {start} is below slot {slot:?}'s confirmed position {confirmed}: PostgreSQL cannot rewind a logical slot, and everything below {confirmed} was already delivered. To re-publish older events use a bookmark (outbox-relay bookmark create, then replay --from-bookmark) or table replay (replay --from-id/--from-time)")]
+    StartBelowConfirmed {
+        start: Lsn,
+        confirmed: Lsn,
+        slot: String,
+    },
+    #[error("PostgreSQL is shutting down and waited on {pending} records Kafka has not acknowledged; the relay let go of the stream so the server can stop, and resumes from the slot when it is back")]
+    ServerShuttingDown { pending: u64 },
+    #[error("another process created replication slot {0:?} at the same moment; standing by")]
+    SlotCreationRace(String),
+    #[error("PostgreSQL sent nothing for {0:?} although asked for keepalives, longer than its wal_sender_timeout allows a live walsender; the connection is presumed dead")]
+    ServerSilent(Duration),
+    #[error("{gap}. {loss}. The relay stops rather than create a new slot and stream past the gap. After the backfill, drop the stale slot if one is left and start the relay again: a new process creates the slot and starts from the current WAL position")]
+    SlotGap {
+        /// What changed ([`identity::Gap::describe`]).
+        gap: String,
+        /// What was delivered and how to backfill ([`identity::Memory::describe_loss`]).
+        loss: String,
+    },
+    #[error("cannot decode the replication stream at {lsn}, {times} times in a row: {error}. Retrying cannot help; please report this with the PostgreSQL version (the bytes are in the WAL at {lsn}: pg_logical_slot_peek_binary_changes shows them)")]
+    DecodeRepeated {
+        lsn: Lsn,
+        times: u32,
+        error: DecodeError,
+    },
+    #[error("Kafka refused {position} for topic {topic:?} with {code}, {failures} times in a row with the record alone in flight: {fix}. The relay stops rather than retry while WAL piles up; the slot stays before this record, so nothing is lost once this is fixed and the relay restarted")]
+    BrokerRefused {
+        code: String,
+        topic: String,
+        position: String,
+        failures: u32,
+        fix: String,
+    },
+}
+
+fn render(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  - {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl RelayError {
+    /// The one place that decides what an error means for the process.
+    pub fn disposition(&self) -> Disposition {
+        use Disposition::*;
+        match self {
+            RelayError::Config(_)
+            | RelayError::Preflight(_)
+            | RelayError::SlotMissing { .. }
+            | RelayError::SlotInvalidated { .. }
+            | RelayError::SlotPlugin { .. }
+            | RelayError::StartBelowConfirmed { .. }
+            | RelayError::Poison { .. }
+            | RelayError::SlotGap { .. }
+            | RelayError::DecodeRepeated { .. }
+            | RelayError::BrokerRefused { .. }
+            | RelayError::Unexpected(_) => Fatal,
+            RelayError::Mapping(_) => Fatal,
+            RelayError::Setup(e) => {
+                if e.is_transient() {
+                    Retry
+                } else {
+                    Fatal
+                }
+            }
+            RelayError::Sql(e) if crate::sql::is_tls_refusal(e) => Fatal,
+            RelayError::Sql(e) => match e.code() {
+                Some(code) => sqlstate_disposition(code.code()),
+                None => Retry,
+            },
+            RelayError::Replication(e) => match e {
+                ReplicationError::Server(s) => {
+                    if s.code == "55000" && s.message.contains("can no longer get changes") {
+                        Fatal
+                    } else {
+                        sqlstate_disposition(&s.code)
+                    }
+                }
+                ReplicationError::Auth(_)
+                | ReplicationError::Tls(_)
+                | ReplicationError::FrameTooLarge { .. }
+                | ReplicationError::InvalidSlotName(_) => Fatal,
+                _ => Retry,
+            },
+            RelayError::Kafka(e) => {
+                if e.is_transient() {
+                    Retry
+                } else {
+                    Fatal
+                }
+            }
+            RelayError::Decode(_)
+            | RelayError::Framing(_)
+            | RelayError::Delivery { .. }
+            | RelayError::ProducerFatal(_)
+            | RelayError::StreamEnded
+            | RelayError::SlotCreationRace(_)
+            | RelayError::ServerShuttingDown { .. }
+            | RelayError::ServerSilent(_) => Retry,
+        }
+    }
+
+    /// Another process streams from the slot (SQLSTATE 55006, "active for PID"),
+    /// or created it a moment before us (42710, the creation race): stand by.
+    pub fn is_slot_busy(&self) -> bool {
+        matches!(self, RelayError::Replication(ReplicationError::Server(s)) if s.code == "55006")
+            || matches!(self, RelayError::SlotCreationRace(_))
+    }
+
+    /// Errors after which the producer is rebuilt.
+    fn rebuild_producer(&self) -> bool {
+        matches!(
+            self,
+            RelayError::ProducerFatal(_) | RelayError::Delivery { .. }
+        )
+    }
+}
+
+/// SQLSTATE classes: connection trouble and "object in use" are transient;
+/// authentication, privileges, missing objects and bad requests need a human.
+fn sqlstate_disposition(code: &str) -> Disposition {
+    match code.get(..2) {
+        Some("28") | Some("42") | Some("3D") | Some("22") | Some("0A") => Disposition::Fatal,
+        _ => Disposition::Retry,
+    }
+}
 
 /// How a session ended without error.
 enum SessionEnd {
@@ -204,6 +386,75 @@ impl Relay {
 
     fn sink_settings(&self) -> SinkSettings {
         SinkSettings::from_config(&self.cfg)
+    }
+
+    /// Stream until shut down or a fatal error.
+    pub async fn run(self) -> Result<(), RelayError> {
+        self.run_to_end().await.map(|_| ())
+    }
+
+    /// Like [`Relay::run`]; `Ok(true)` when [`StreamOptions::end_lsn`] was
+    /// reached with everything acknowledged, `Ok(false)` when stopped before.
+    pub async fn run_to_end(mut self) -> Result<bool, RelayError> {
+        let min = self.cfg.relay.reconnect_backoff_min;
+        let max = self.cfg.relay.reconnect_backoff_max;
+        let mut backoff = min;
+        loop {
+            let began = Instant::now();
+            let result = self.session().await;
+            self.metrics.streaming(false);
+            self.metrics.slot_held(false);
+            let err = match result {
+                Ok(end) => {
+                    if let Some(sink) = self.sink.take() {
+                        sink.close(Duration::from_secs(1)).await;
+                    }
+                    return Ok(matches!(end, SessionEnd::Finished));
+                }
+                Err(e) => e,
+            };
+            if err.disposition() == Disposition::Fatal {
+                if let Some(sink) = self.sink.take() {
+                    sink.close(Duration::from_secs(1)).await;
+                }
+                return Err(err);
+            }
+            self.metrics.reconnect();
+            if err.rebuild_producer() {
+                if let Some(sink) = self.sink.take() {
+                    tracing::warn!("rebuilding the kafka producer");
+                    self.metrics.producer_rebuild();
+                    sink.close_for_rebuild(&self.shutdown).await;
+                }
+            }
+            if began.elapsed() >= HEALTHY_SESSION {
+                backoff = min;
+            }
+            let delay = if err.is_slot_busy() {
+                // Standby: another relay streams from the slot (PostgreSQL allows
+                // one consumer). Poll at a steady pace to take over within seconds.
+                if self.cfg.relay.terminate_stale_holder {
+                    terminate_stale_holder(&self.cfg).await;
+                }
+                tracing::info!(error = %err, "the slot is held by another process; standing by");
+                self.cfg.relay.slot_busy_retry
+            } else {
+                // Full jitter between min and the current ceiling.
+                let delay = rand::thread_rng().gen_range(min..=backoff.max(min));
+                if matches!(err, RelayError::ServerShuttingDown { .. }) {
+                    // Not a failure: the database restarts (logged when we let go).
+                    tracing::info!(retry_in = ?delay, "resuming from the slot once PostgreSQL is back");
+                } else {
+                    tracing::warn!(error = %err, retry_in = ?delay, "replication session failed; resuming from the slot");
+                }
+                backoff = (backoff * 2).min(max);
+                delay
+            };
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(false),
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
     }
 
     async fn session(&mut self) -> Result<SessionEnd, RelayError> {
@@ -558,7 +809,6 @@ impl Drop for AbortOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pgoutput::DecodeError;
     use crate::replication::ServerError;
 
     fn server_error(code: &str, message: &str) -> ReplicationError {
