@@ -24,6 +24,9 @@ RUN apt-get update \
 WORKDIR /build
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# The workspace's other members (cargo reads their manifests; only the relay is built).
+COPY testkit ./testkit
+COPY bench ./bench
 # Cache mounts keep the registry and the build between image builds.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/build/target \

@@ -147,6 +147,7 @@ fn main() {
         commit_time: TXN.commit_time,
         position: RecordPosition::default(),
         trace: None,
+        handed: None,
     };
     let now = SystemTime::now();
     // The same loop without the hooks: what the loop itself costs.

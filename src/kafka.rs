@@ -75,6 +75,9 @@ pub struct DeliveryToken {
     pub position: RecordPosition,
     /// The record's valid W3C trace parent, when spans are on ([`crate::trace`]).
     pub trace: Option<crate::trace::TraceParent>,
+    /// When the producer took the record (the broker stage's start); `None`
+    /// where not measured (replay).
+    pub handed: Option<std::time::Instant>,
 }
 
 /// A record the producer gave up on.

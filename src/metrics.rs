@@ -23,6 +23,7 @@ mod labels;
 mod ops;
 mod progress;
 mod readiness;
+mod stages;
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -42,6 +43,7 @@ use labels::{
 pub use progress::{latency_since_commit, time_lag, ProgressLog, Snapshot};
 use progress::{unix_seconds, Progress};
 pub use readiness::{Readiness, Ready, Role, DEFAULT_STALL_TIMEOUT};
+pub use stages::{STAGES, STAGE_LATENCY_BUCKETS};
 
 pub mod names;
 
@@ -100,6 +102,7 @@ struct Inner {
     lag_seconds: Gauge<f64, AtomicU64>,
     confirmed_commit_ts: Gauge<f64, AtomicU64>,
     latency: Histogram,
+    stages: stages::Stages,
     produced_records: Family<TopicLabel, Counter>,
     produced_bytes: Family<TopicLabel, Counter>,
     dead_lettered: Family<TopicLabel, Counter>,
@@ -256,6 +259,13 @@ impl Metrics {
             "Seconds from a row's commit in PostgreSQL to Kafka's acknowledgement of its record",
             Histogram::new(LATENCY_BUCKETS.iter().copied()),
         );
+        let stages = stages::Stages::new(&r.add(
+            STAGE_LATENCY_SECONDS,
+            "Seconds a record spends in each stage, by stage: server (commit to XLogData read \
+             by the relay), relay (read to handed to the producer), broker (handed to \
+             acknowledged)",
+            stages::family(),
+        ));
         let produced_records = r.add(
             PRODUCED_RECORDS_TOTAL,
             "Records handed to the Kafka producer, by topic",
@@ -356,6 +366,7 @@ impl Metrics {
                 lag_seconds,
                 confirmed_commit_ts,
                 latency,
+                stages,
                 produced_records,
                 produced_bytes,
                 dead_lettered,
@@ -456,6 +467,21 @@ impl Metrics {
     /// The commit → acknowledgement latency of one record.
     pub fn ack_latency(&self, latency: Duration) {
         self.inner.latency.observe(latency.as_secs_f64());
+    }
+
+    /// Commit → XLogData read by the relay (the `server` stage), one record.
+    pub fn stage_server(&self, latency: Duration) {
+        self.inner.stages.server(latency);
+    }
+
+    /// XLogData read → handed to the producer (the `relay` stage), one record.
+    pub fn stage_relay(&self, latency: Duration) {
+        self.inner.stages.relay(latency);
+    }
+
+    /// Handed to the producer → acknowledged (the `broker` stage), one record.
+    pub fn stage_broker(&self, latency: Duration) {
+        self.inner.stages.broker(latency);
     }
 
     /// `records` acknowledgements arrived (counted and noted for readiness

@@ -51,6 +51,7 @@ mod pace;
 mod poison;
 mod progress;
 mod session;
+mod stages;
 
 use holder::terminate_stale_holder;
 use lag::sample_lag;
@@ -712,6 +713,7 @@ impl Relay {
             known_topics: HashSet::new(),
             warned_tables: HashSet::new(),
             last_status: Instant::now(),
+            received: stages::Received::now(),
             burst_produced: None,
             delivery: self.delivery.for_session(confirmed),
             cleanup: (cfg.relay.delete_delivered

@@ -426,6 +426,7 @@ pub async fn replay_table(
             commit_time: 0,
             position: Default::default(),
             trace: None,
+            handed: None,
         };
         loop {
             match sink.send(&record, token) {

@@ -334,6 +334,7 @@ async fn a_replaced_producer_finishes_its_records_before_it_is_dropped() {
         commit_time: 0,
         position: RecordPosition::default(),
         trace: None,
+        handed: None,
     };
     // A first record, acknowledged: the idempotent producer has its id, so
     // the next record's request goes on the wire at once.
@@ -397,6 +398,7 @@ async fn a_replaced_producer_purges_records_that_never_left_its_queue() {
             commit_time: 0,
             position: RecordPosition::default(),
             trace: None,
+            handed: None,
         };
         sink.send(&record, token).unwrap();
     }

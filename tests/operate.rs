@@ -8,7 +8,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use harness::outbox::{insert_rows, Env, Expected, DEADLINE};
-use harness::{current_wal_lsn, lsn_to_u64, wait_for, wait_until, PgVersion, RelayProcess};
+use harness::scrape::{get, http_addr, sample};
+use harness::{current_wal_lsn, lsn_to_u64, wait_until, PgVersion, RelayProcess};
 
 /// Run a one-shot relay command (status, bookmark, replay, peek) to completion.
 fn command(env: &Env, args: &[&str]) -> (i32, String, String) {
@@ -35,52 +36,9 @@ fn command(env: &Env, args: &[&str]) -> (i32, String, String) {
     )
 }
 
-/// The relay's HTTP address, from its log line.
-async fn http_addr(relay: &mut RelayProcess) -> String {
-    wait_for(DEADLINE, "the relay logs its HTTP address", || {
-        let log = relay.log();
-        async move {
-            let line = log.lines().find(|l| l.contains("serving /metrics"))?;
-            let at = line.find("addr=")? + "addr=".len();
-            Some(line[at..].split_whitespace().next()?.to_string())
-        }
-    })
-    .await
-}
-
-async fn get(addr: &str, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect to /metrics");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.unwrap();
-    let code = buf[9..12].parse().unwrap();
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|x| x.1.to_string())
-        .unwrap_or_default();
-    (code, body)
-}
-
 /// Value of an unlabelled sample (or the sum over its labels).
 fn metric(text: &str, name: &str) -> f64 {
-    let lines = text.lines().map(|l| Ok(l.to_string()));
-    let scrape = prometheus_parse::Scrape::parse(lines).expect("/metrics parses");
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == name)
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => 0.0,
-        })
-        .sum()
+    sample(text, name, None)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -74,6 +74,10 @@ pub const CONFIRMED_COMMIT_TIMESTAMP_SECONDS: &str =
 /// acknowledgement of its record (0.5 ms … 60 s buckets). Its `_count` is
 /// the number of acknowledged records. Alert: p99 above your SLO.
 pub const END_TO_END_LATENCY_SECONDS: &str = "outbox_relay_end_to_end_latency_seconds";
+/// Histogram, label `stage` = `server` (commit → XLogData read by the relay),
+/// `relay` (read → handed to the producer), `broker` (handed → acknowledged);
+/// 50 µs … 60 s buckets. Tells whether PostgreSQL, the relay or Kafka is slow.
+pub const STAGE_LATENCY_SECONDS: &str = "outbox_relay_stage_latency_seconds";
 /// Counter, label `topic` (bounded). Records handed to the producer.
 pub const PRODUCED_RECORDS_TOTAL: &str = "outbox_relay_produced_records_total";
 /// Counter, label `topic` (bounded). Bytes (key + value + headers) of
@@ -137,6 +141,7 @@ pub const ALL: &[&str] = &[
     LAG_SECONDS,
     CONFIRMED_COMMIT_TIMESTAMP_SECONDS,
     END_TO_END_LATENCY_SECONDS,
+    STAGE_LATENCY_SECONDS,
     PRODUCED_RECORDS_TOTAL,
     PRODUCED_BYTES_TOTAL,
     DELIVERY_ERRORS_TOTAL,
@@ -161,4 +166,4 @@ pub const ALL: &[&str] = &[
 
 /// Histograms among [`ALL`]: a scrape shows them as `_bucket`, `_sum`
 /// and `_count` series.
-pub const HISTOGRAMS: &[&str] = &[END_TO_END_LATENCY_SECONDS];
+pub const HISTOGRAMS: &[&str] = &[END_TO_END_LATENCY_SECONDS, STAGE_LATENCY_SECONDS];

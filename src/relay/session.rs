@@ -44,6 +44,8 @@ pub(super) struct Session<'a> {
     pub(super) known_topics: HashSet<Arc<str>>,
     pub(super) warned_tables: HashSet<String>,
     pub(super) last_status: Instant,
+    /// When the frames being handled were read ([`super::stages`]).
+    pub(super) received: super::stages::Received,
     /// Records handed to the producer in the current burst, for the metrics
     /// (see `after_intake`): topic, records, bytes.
     pub(super) burst_produced: Option<(Arc<str>, u64, u64)>,
@@ -140,7 +142,7 @@ impl Session<'_> {
                     // Reports come in bursts (one per record of a produce
                     // batch): take what is already there in this wake-up,
                     // with one clock reading for all of them.
-                    let now = SystemTime::now();
+                    let now = (SystemTime::now(), Instant::now());
                     let mut acked = u64::from(self.on_sink_event(event, now)?);
                     for _ in 1..BURST {
                         let Some(event) = sink.try_next_event() else { break };
@@ -178,6 +180,7 @@ impl Session<'_> {
                     }
                 }
                 msg = stream.next_message(), if intake => {
+                    self.received = super::stages::Received::now();
                     match msg? {
                         Some(msg) => self.on_replication_message(msg, stream, sink).await?,
                         None => return Err(RelayError::StreamEnded),
@@ -270,7 +273,11 @@ impl Session<'_> {
 
     /// One producer report, received at `now`; `Ok(true)` when it acknowledged
     /// a record of this session.
-    fn on_sink_event(&mut self, event: SinkEvent, now: SystemTime) -> Result<bool, RelayError> {
+    fn on_sink_event(
+        &mut self,
+        event: SinkEvent,
+        now: (SystemTime, Instant),
+    ) -> Result<bool, RelayError> {
         match event {
             SinkEvent::Delivered(token) => {
                 if token.generation != self.generation {
@@ -288,9 +295,10 @@ impl Session<'_> {
                     self.metrics.in_flight_cap(None);
                 }
                 self.metrics
-                    .ack_latency(latency_since_commit(token.commit_time, now));
+                    .ack_latency(latency_since_commit(token.commit_time, now.0));
+                self.acknowledged(&token, now.1);
                 if let Some(spans) = crate::trace::spans() {
-                    spans.acknowledged(&token, now);
+                    spans.acknowledged(&token, now.0);
                 }
                 Ok(true)
             }
@@ -319,7 +327,7 @@ impl Session<'_> {
             if !matches!(event, SinkEvent::Delivered(_)) {
                 break;
             }
-            match self.on_sink_event(event, SystemTime::now()) {
+            match self.on_sink_event(event, (SystemTime::now(), Instant::now())) {
                 Ok(true) => acked += 1,
                 Ok(false) => {}
                 Err(_) => break,
@@ -588,6 +596,7 @@ impl Session<'_> {
             sink.prepare_topic(&record.topic).await?;
             self.known_topics.insert(record.topic.clone());
         }
+        self.row_received(txn.commit_time);
         let token = DeliveryToken {
             generation: self.generation,
             txn: self
@@ -598,6 +607,7 @@ impl Session<'_> {
             commit_time: txn.commit_time,
             position: self.next_position(txn),
             trace: crate::trace::parent_of(&record),
+            handed: None,
         };
         self.send_record(sink, record, token)
     }
@@ -607,10 +617,12 @@ impl Session<'_> {
         &mut self,
         sink: &KafkaSink,
         record: OutboxRecord,
-        token: DeliveryToken,
+        mut token: DeliveryToken,
     ) -> Result<(), RelayError> {
+        Self::handing(&mut token);
         match sink.send(&record, token) {
             Ok(()) => {
+                self.handed(&token);
                 // Counted only once librdkafka holds it, so a refused record
                 // never leaves its transaction waiting for an acknowledgement.
                 self.tracker.record_sent()?;

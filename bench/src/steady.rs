@@ -13,7 +13,9 @@ use crate::process::Guarded;
 use crate::resources;
 use crate::results::BucketLatency;
 use crate::results::Window;
-use crate::scenarios::{between, path_str, relay_ack_buckets, sql, Ctx, POLL_TABLE, RELAY_TABLE};
+use crate::scenarios::{
+    between, path_str, relay_histograms, sql, Buckets, Ctx, POLL_TABLE, RELAY_TABLE,
+};
 
 /// Who moves rows to Kafka in a window.
 pub enum Subject<'a> {
@@ -51,7 +53,10 @@ pub async fn window(
     rate: u64,
 ) -> Result<Window, String> {
     let s = &ctx.settings;
-    let label = subject_label(subject);
+    let mut label = subject_label(subject);
+    if ctx.broker.kind() == crate::broker::Kind::Mock {
+        label.push_str("@mock");
+    }
     let shape = format!("tx{rows_per_txn}_r{rate}");
     let writers = if rows_per_txn == 1 {
         s.writers
@@ -166,7 +171,7 @@ pub async fn window(
         let outcome = load::run_writers(&ctx.pg.url(), &plan, || {
             *snap_a.borrow_mut() = Some(ctx.snapshot(Some(subject_pid)));
             if let Subject::Relay(_) = subject {
-                *ack_a.borrow_mut() = Some(relay_ack_buckets(ctx.relay_http_port.get()));
+                *ack_a.borrow_mut() = Some(relay_histograms(ctx.relay_http_port.get()));
             }
         })
         .await?;
@@ -182,9 +187,24 @@ pub async fn window(
     // The relay's share: commit → broker acknowledgement, from its own
     // histogram, over the records it acknowledged from the window's start to
     // the end of the drain.
+    let mut stages = Vec::new();
     let ack = match (ack_a.into_inner(), &*subject) {
-        (Some(Ok(a)), Subject::Relay(_)) => match relay_ack_buckets(ctx.relay_http_port.get()) {
-            Ok(b) => Some(BucketLatency::between(&a, &b)),
+        (Some(Ok(a)), Subject::Relay(_)) => match relay_histograms(ctx.relay_http_port.get()) {
+            Ok(b) => {
+                let get = |h: &[(String, Buckets)], k: &str| {
+                    h.iter()
+                        .find(|(name, _)| name == k)
+                        .map(|(_, b)| b.clone())
+                        .unwrap_or_default()
+                };
+                for stage in outbox_relay::metrics::STAGES {
+                    stages.push((
+                        stage.to_string(),
+                        BucketLatency::between(&get(&a, stage), &get(&b, stage)),
+                    ));
+                }
+                Some(BucketLatency::between(&get(&a, ""), &get(&b, "")))
+            }
             Err(e) => {
                 say!("  warning: no relay latency histogram: {e}");
                 None
@@ -267,6 +287,7 @@ pub async fn window(
     let latency = load::latency(&stamps, outcome.window_start_us, outcome.window_end_us);
     let w = Window {
         subject: label,
+        broker_kind: ctx.broker.kind().to_string(),
         rows_per_txn,
         writers,
         target_rate: rate,
@@ -285,6 +306,7 @@ pub async fn window(
         walsender,
         max_unsent_wal_bytes,
         ack,
+        stages,
     };
     say!(
         "  achieved {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms, missing {}",

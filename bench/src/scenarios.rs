@@ -7,11 +7,31 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use testkit::{free_port, PgCluster};
+
 use crate::broker::Broker;
-use crate::cluster::{free_port, PgCluster};
 use crate::process::{self, Guarded, TempDir};
 use crate::resources;
 use crate::results::{MachineUsage, Usage};
+
+/// Settings appended to the test kit's postgresql.conf. `fsync = off` (the kit's
+/// default too): the benchmark measures the relay, not this machine's disk
+/// (commits still flush WAL to the OS, so logical decoding sees them exactly when
+/// it would with fsync on).
+pub const PG_SETTINGS: &[(&str, &str)] = &[
+    ("max_wal_senders", "10"),
+    ("max_replication_slots", "10"),
+    ("max_connections", "100"),
+    ("fsync", "off"),
+    ("full_page_writes", "off"),
+    ("synchronous_commit", "on"),
+    ("shared_buffers", "512MB"),
+    ("max_wal_size", "8GB"),
+    ("checkpoint_timeout", "30min"),
+    // The polling baseline reads each row's commit time with pg_xact_commit_timestamp.
+    ("track_commit_timestamp", "on"),
+    ("log_replication_commands", "off"),
+];
 
 /// The outbox table the relay streams, its publication and slots.
 pub const RELAY_TABLE: &str = "public.outbox_events";
@@ -25,7 +45,10 @@ pub const CEILING_SLOT: &str = "bench_ceiling";
 pub struct Settings {
     pub events: u64,
     pub payload_bytes: usize,
-    pub backlog_txn_rows: usize,
+    /// Catch-up backlog shapes: rows per transaction, one catch-up each.
+    pub backlog_txn_rows: Vec<usize>,
+    /// Brokers to run on, in order (the polling baseline runs on the first).
+    pub brokers: Vec<crate::broker::Kind>,
     pub rates: Vec<u64>,
     pub warmup: Duration,
     pub window: Duration,
@@ -54,9 +77,6 @@ pub struct Ctx {
     /// Logs of the processes under test, summaries of the subcommands.
     pub scratch: TempDir,
     pub settings: Settings,
-    pub tansu: PathBuf,
-    pub work_dir: PathBuf,
-    pub keep_temp: bool,
     /// Relay processes started so far (each logs to its own file).
     pub relays_started: std::cell::Cell<usize>,
     /// HTTP port of the relay started last (its /metrics).
@@ -81,8 +101,11 @@ impl Ctx {
         Snapshot {
             at: Instant::now(),
             subject: subject.and_then(resources::sample),
-            pg_cpu_s: resources::tree_cpu_s(self.pg.pid()),
-            broker_cpu_s: resources::sample(self.broker.pid())
+            pg_cpu_s: self.pg.pid().map(resources::tree_cpu_s).unwrap_or(0.0),
+            broker_cpu_s: self
+                .broker
+                .pid()
+                .and_then(resources::sample)
                 .map(|s| s.cpu_s)
                 .unwrap_or(0.0),
             bench_cpu_s: resources::self_sample().cpu_s,
@@ -119,6 +142,11 @@ impl Ctx {
             "--status-interval".into(),
             "100ms".into(),
         ];
+        if self.broker.kind() == crate::broker::Kind::Mock {
+            // The mock cluster does not answer CreateTopics; the benchmark
+            // creates every topic before the relay needs it.
+            args.push("--no-create-topics".into());
+        }
         for (k, v) in &self.settings.producer_properties {
             args.push("--kafka-property".into());
             args.push(format!("{k}={v}"));
@@ -130,7 +158,7 @@ impl Ctx {
     pub fn spawn_relay(&self) -> Result<Guarded, String> {
         self.relays_started.set(self.relays_started.get() + 1);
         let (out, err) = self.log_file(&self.relay_log_name())?;
-        let http = free_port().map_err(|e| e.to_string())?;
+        let http = free_port();
         self.relay_http_port.set(http);
         let mut cmd = Command::new(&self.relay_bin);
         cmd.args(self.relay_args())
@@ -173,7 +201,7 @@ impl Ctx {
     /// storage) and warms it up. tansu slows down as its memory storage fills
     /// (its CPU per record grows), so every measurement starts on an empty one.
     pub async fn fresh_broker(&mut self) -> Result<(), String> {
-        let new = Broker::start(&self.tansu, &self.work_dir, self.keep_temp)?;
+        let new = Broker::start(self.broker.kind())?;
         drop(std::mem::replace(&mut self.broker, new));
         self.broker.warm_up().await
     }
@@ -249,7 +277,10 @@ impl Between {
 
 /// A SQL client, or an error string.
 pub async fn sql(ctx: &Ctx) -> Result<tokio_postgres::Client, String> {
-    ctx.pg.client().await
+    ctx.pg
+        .try_client()
+        .await
+        .map_err(|e| format!("connect to {}: {e}", ctx.pg.url()))
 }
 
 /// `confirmed_flush_lsn` of a slot as a number.
@@ -266,7 +297,7 @@ pub async fn slot_confirmed(
         .map_err(|e| format!("read slot {slot}: {e}"))?;
     Ok(row
         .and_then(|r| r.get::<_, Option<String>>(0))
-        .and_then(|t| crate::cluster::parse_lsn(&t)))
+        .and_then(|t| parse_lsn(&t)))
 }
 
 pub async fn current_lsn(client: &tokio_postgres::Client) -> Result<u64, String> {
@@ -275,7 +306,7 @@ pub async fn current_lsn(client: &tokio_postgres::Client) -> Result<u64, String>
         .await
         .map_err(|e| format!("pg_current_wal_lsn: {e}"))?
         .get(0);
-    crate::cluster::parse_lsn(&t).ok_or_else(|| format!("bad LSN {t}"))
+    parse_lsn(&t).ok_or_else(|| format!("bad LSN {t}"))
 }
 
 /// Waits for the relay to log `needle`; `None` after `timeout` or if it exited.
@@ -301,9 +332,12 @@ pub fn path_str(p: &Path) -> String {
     p.display().to_string()
 }
 
-/// Cumulative buckets (upper bound in seconds, count) of the relay's
-/// commit → broker-acknowledgement histogram, read from its /metrics.
-pub fn relay_ack_buckets(port: u16) -> Result<Vec<(f64, f64)>, String> {
+/// Cumulative buckets (upper bound in seconds, count) of one histogram series.
+pub type Buckets = Vec<(f64, f64)>;
+
+/// The relay's latency histograms from its /metrics: commit → broker
+/// acknowledgement (`""`), and its stages (`server`, `relay`, `broker`).
+pub fn relay_histograms(port: u16) -> Result<Vec<(String, Buckets)>, String> {
     let url = format!("http://127.0.0.1:{port}/metrics");
     let body = ureq::get(&url)
         .timeout(Duration::from_secs(5))
@@ -313,15 +347,44 @@ pub fn relay_ack_buckets(port: u16) -> Result<Vec<(f64, f64)>, String> {
         .map_err(|e| format!("read {url}: {e}"))?;
     let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
         .map_err(|e| format!("parse {url}: {e}"))?;
-    let name = outbox_relay::metrics::names::END_TO_END_LATENCY_SECONDS;
-    scrape
+    use outbox_relay::metrics::names::{END_TO_END_LATENCY_SECONDS, STAGE_LATENCY_SECONDS};
+    let out: Vec<(String, Buckets)> = scrape
         .samples
         .iter()
-        .find_map(|s| match &s.value {
-            prometheus_parse::Value::Histogram(h) if s.metric.starts_with(name) => {
-                Some(h.iter().map(|b| (b.less_than, b.count)).collect::<Vec<_>>())
+        .filter_map(|s| match &s.value {
+            prometheus_parse::Value::Histogram(h)
+                if s.metric == END_TO_END_LATENCY_SECONDS || s.metric == STAGE_LATENCY_SECONDS =>
+            {
+                let key = s.labels.get("stage").unwrap_or("").to_string();
+                Some((key, h.iter().map(|b| (b.less_than, b.count)).collect()))
             }
             _ => None,
         })
-        .ok_or_else(|| format!("{url} has no {name} histogram"))
+        .collect();
+    if !out.iter().any(|(k, _)| k.is_empty()) {
+        return Err(format!(
+            "{url} has no {END_TO_END_LATENCY_SECONDS} histogram"
+        ));
+    }
+    Ok(out)
+}
+
+/// Moves the relay's (inactive) slot to the current position, so that a
+/// catch-up decodes only its backlog, as the ceiling's fresh slot does (other
+/// scenarios' WAL would otherwise count against the relay).
+pub async fn advance_relay_slot(client: &tokio_postgres::Client) -> Result<(), String> {
+    client
+        .execute(
+            "SELECT pg_replication_slot_advance($1, pg_current_wal_lsn())",
+            &[&RELAY_SLOT],
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("advance slot {RELAY_SLOT}: {e}"))
+}
+
+/// `0/16B3748` → its position.
+pub fn parse_lsn(lsn: &str) -> Option<u64> {
+    let (hi, lo) = lsn.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
 }

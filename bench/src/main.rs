@@ -14,7 +14,7 @@
 //! (default `target/bench/`).
 //!
 //! ```text
-//! cargo run --release --bin outbox-bench -- [--quick]
+//! cargo run --release -p outbox-bench -- [--quick] [--broker mock]
 //! ```
 //!
 //! Every process it starts is stopped on every way out: normal end, error,
@@ -30,12 +30,12 @@ macro_rules! say {
 
 mod broker;
 mod catchup;
-mod cluster;
 mod load;
 mod plot;
 mod polling;
 mod process;
 mod rawproduce;
+mod rawstream;
 mod report;
 mod resources;
 mod results;
@@ -50,7 +50,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::process::TempDir;
 use crate::results::{Meta, Results};
-use crate::scenarios::{sql, Ctx, Settings, RELAY_TABLE};
+use crate::scenarios::{sql, Ctx, Settings, PG_SETTINGS, RELAY_TABLE};
 use crate::steady::Subject;
 
 /// Benchmark outbox-relay against pg_recvlogical, raw rdkafka and a polling relay.
@@ -71,6 +71,9 @@ enum Sub {
     /// (internal) the raw rdkafka producer of the catch-up comparison
     #[command(hide = true)]
     RawProduce(rawproduce::RawArgs),
+    /// (internal) the Rust replication client of the catch-up ceiling
+    #[command(hide = true)]
+    RawStream(rawstream::StreamArgs),
 }
 
 #[derive(Debug, Args)]
@@ -84,11 +87,11 @@ struct BenchArgs {
     /// Approximate payload size of every event, bytes
     #[arg(long, default_value_t = 1000)]
     payload_bytes: usize,
-    /// Rows per transaction in the catch-up backlog
-    #[arg(long, default_value_t = 1)]
-    backlog_txn_rows: usize,
+    /// Rows per transaction of the catch-up backlogs, one catch-up each
+    #[arg(long, value_delimiter = ',', default_value = "1,1000")]
+    backlog_txn_rows: Vec<usize>,
     /// Steady insert rates, events/s
-    #[arg(long, value_delimiter = ',', default_value = "1000,5000,20000")]
+    #[arg(long, value_delimiter = ',', default_value = "2000,5000,20000")]
     rates: Vec<u64>,
     /// Warm-up before each steady window [default: 2s; quick: 1s]
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -100,7 +103,7 @@ struct BenchArgs {
     #[arg(long, value_parser = humantime::parse_duration)]
     slow_poll_window: Option<Duration>,
     /// Writer connections for 1-row transactions
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 16)]
     writers: usize,
     /// Writer connections for multi-row transactions
     #[arg(long, default_value_t = 2)]
@@ -130,6 +133,17 @@ struct BenchArgs {
     /// PostgreSQL bindir (17: /opt/outbox-relay-deps/pg17/bin)
     #[arg(long, default_value = "/usr/lib/postgresql/15/bin")]
     pg_bindir: PathBuf,
+    /// Brokers, in order: tansu (a separate process) and/or librdkafka's mock
+    /// cluster in this process (an ideal broker, to measure the relay apart
+    /// from tansu). Catch-up, relay windows and the broker floor run on each;
+    /// the polling baseline on the first
+    #[arg(
+        long = "broker",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "tansu,mock"
+    )]
+    brokers: Vec<broker::Kind>,
     /// The tansu binary [default: $OUTBOX_RELAY_TANSU, ~/.cargo/bin/tansu, PATH]
     #[arg(long)]
     tansu: Option<PathBuf>,
@@ -172,6 +186,7 @@ fn main() -> ExitCode {
     let result = match cli.sub {
         Some(Sub::PollRelay(a)) => polling::main(a),
         Some(Sub::RawProduce(a)) => rawproduce::main(a),
+        Some(Sub::RawStream(a)) => rawstream::main(a),
         None => bench(cli.bench),
     };
     match result {
@@ -188,7 +203,8 @@ fn settings(a: &BenchArgs) -> Settings {
     Settings {
         events: a.events.unwrap_or(if q { 20_000 } else { 200_000 }),
         payload_bytes: a.payload_bytes,
-        backlog_txn_rows: a.backlog_txn_rows.max(1),
+        backlog_txn_rows: a.backlog_txn_rows.iter().map(|&r| r.max(1)).collect(),
+        brokers: a.brokers.clone(),
         rates: a.rates.clone(),
         warmup: a
             .warmup
@@ -239,13 +255,17 @@ fn relay_binary(a: &BenchArgs, exe: &Path) -> Result<PathBuf, String> {
         .parent()
         .ok_or("cannot locate this program's directory")?;
     let release = dir.file_name().is_some_and(|n| n == "release");
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+    // The product is the workspace's root package, one level above this crate.
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
     say!(
-        "building the relay: cargo build{} --bin outbox-relay",
+        "building the relay: cargo build{} --workspace --bins",
         if release { " --release" } else { "" }
     );
+    // `--workspace`: the dependencies' features as when this program was
+    // built, so cargo reuses them (building the relay package alone selects
+    // other features and rebuilds a good part of them).
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.args(["build", "--bin", "outbox-relay", "--manifest-path"])
+    cmd.args(["build", "--workspace", "--bins", "--manifest-path"])
         .arg(&manifest);
     if release {
         cmd.arg("--release");
@@ -267,6 +287,15 @@ fn relay_binary(a: &BenchArgs, exe: &Path) -> Result<PathBuf, String> {
 }
 
 /// Ctrl-C / SIGTERM: stop every child, remove temp dirs, exit 130.
+/// What `postgres --version` prints.
+fn pg_version(bindir: &Path) -> String {
+    Command::new(bindir.join("postgres"))
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
 fn install_interrupt_handler(runtime: &tokio::runtime::Runtime) {
     runtime.spawn(async {
         use tokio::signal::unix::{signal, SignalKind};
@@ -281,9 +310,12 @@ fn install_interrupt_handler(runtime: &tokio::runtime::Runtime) {
             _ = term.recv() => {}
         }
         say!("interrupted: stopping every process the benchmark started");
-        tokio::task::spawn_blocking(process::stop_all_registered)
-            .await
-            .ok();
+        tokio::task::spawn_blocking(|| {
+            process::stop_all_registered();
+            testkit::process::stop_all();
+        })
+        .await
+        .ok();
         std::process::exit(130);
     });
 }
@@ -309,10 +341,22 @@ fn bench(a: BenchArgs) -> Result<(), String> {
     let build_began = Instant::now();
     let relay_bin = relay_binary(&a, &exe)?;
     let relay_build_s = build_began.elapsed().as_secs_f64();
-    let tansu = broker::find_tansu(a.tansu.as_deref())?;
-    say!("starting PostgreSQL ({}) and tansu", a.pg_bindir.display());
-    let pg = cluster::PgCluster::start(&a.pg_bindir, &a.work_dir, a.keep_temp)?;
-    let broker = broker::Broker::start(&tansu, &a.work_dir, a.keep_temp)?;
+    // The test kit's servers take these from the environment; set before any
+    // thread that reads it is started.
+    std::env::set_var("OUTBOX_RELAY_TEST_TMPDIR", &a.work_dir);
+    if a.keep_temp {
+        std::env::set_var("OUTBOX_RELAY_KEEP_TEMP", "1");
+    }
+    if let Some(tansu) = &a.tansu {
+        std::env::set_var("OUTBOX_RELAY_TANSU", tansu);
+    }
+    let first = *a.brokers.first().ok_or("--broker names no broker")?;
+    say!(
+        "starting PostgreSQL ({}) and {first}",
+        a.pg_bindir.display()
+    );
+    let pg = testkit::PgCluster::start_at(&a.pg_bindir, PG_SETTINGS);
+    let broker = broker::Broker::start(first)?;
     let scratch = TempDir::new(&a.work_dir, "outbox-bench-run-", a.keep_temp)
         .map_err(|e| format!("create a temp dir: {e}"))?;
     let mut ctx = Ctx {
@@ -322,9 +366,6 @@ fn bench(a: BenchArgs) -> Result<(), String> {
         self_exe: exe.clone(),
         scratch,
         settings: s.clone(),
-        tansu,
-        work_dir: a.work_dir.clone(),
-        keep_temp: a.keep_temp,
         relays_started: Default::default(),
         relay_http_port: Default::default(),
     };
@@ -338,13 +379,18 @@ fn bench(a: BenchArgs) -> Result<(), String> {
             load_average_at_start: std::fs::read_to_string("/proc/loadavg")
                 .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
                 .unwrap_or_default(),
-            postgres_version: ctx.pg.version.clone(),
-            postgres_settings: cluster::SETTINGS
+            postgres_version: pg_version(ctx.pg.bindir()),
+            postgres_settings: PG_SETTINGS
                 .iter()
                 .filter(|(k, _)| !k.starts_with("log") && *k != "listen_addresses")
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            broker: ctx.broker.version.clone(),
+            broker: a
+                .brokers
+                .iter()
+                .map(|&k| broker::describe(k))
+                .collect::<Vec<_>>()
+                .join("; "),
             relay_binary: ctx.relay_bin.display().to_string(),
             relay_build_s,
             relay_args: ctx
@@ -360,7 +406,7 @@ fn bench(a: BenchArgs) -> Result<(), String> {
                 .collect(),
             events: s.events,
             payload_bytes: s.payload_bytes,
-            backlog_txn_rows: s.backlog_txn_rows,
+            backlog_txn_rows: s.backlog_txn_rows.clone(),
             rates: s.rates.clone(),
             warmup_s: s.warmup.as_secs_f64(),
             window_s: s.window.as_secs_f64(),
@@ -393,13 +439,17 @@ fn bench(a: BenchArgs) -> Result<(), String> {
     if let Err(e) = &outcome {
         say!("failed: {e}");
         for (what, path) in [
-            ("PostgreSQL", ctx.pg.log_path()),
+            ("PostgreSQL", Some(ctx.pg.log_path())),
             ("tansu", ctx.broker.log_path()),
         ] {
-            eprintln!(
-                "----- last lines of the {what} log -----\n{}",
-                cluster::tail(&path, 20)
-            );
+            if let Some(path) = path {
+                let text =
+                    String::from_utf8_lossy(&std::fs::read(&path).unwrap_or_default()).into_owned();
+                eprintln!(
+                    "----- last lines of the {what} log -----\n{}",
+                    testkit::process::tail(&text, 20)
+                );
+            }
         }
     }
     drop(ctx);
@@ -421,50 +471,61 @@ async fn run_scenarios(
 ) -> Result<(), String> {
     ctx.broker.warm_up().await?;
     catchup::prepare(ctx).await?;
-    if want("catchup") {
-        let (c, mut relay) = catchup::run(ctx).await?;
-        results.catch_up = Some(c);
-        relay.stop(Duration::from_secs(30));
-        // Let PostgreSQL settle before the latency windows: without this they
-        // measured autovacuum of the backlog and the checkpoint of its WAL
-        // (the relay's 1-row p99 at 1k/s read 19-23 ms right after catch-up,
-        // 7-9 ms on a settled database). The rows were delivered and counted.
-        say!("catch-up: truncating the backlog and checkpointing before the steady windows");
-        sql(ctx)
-            .await?
-            .batch_execute(&format!("TRUNCATE {RELAY_TABLE}; CHECKPOINT"))
-            .await
-            .map_err(|e| format!("settle after catch-up: {e}"))?;
-    }
-    // Every window starts on a fresh broker and a fresh process under test, so
-    // neither earlier data in tansu nor an earlier window's memory counts.
-    if want("steady") {
-        for rows in [1, s.txn_rows] {
+    for (i, &kind) in s.brokers.iter().enumerate() {
+        if ctx.broker.kind() != kind {
+            ctx.broker = broker::Broker::start(kind)?;
+            ctx.broker.warm_up().await?;
+        }
+        if want("catchup") {
+            for &rows in &s.backlog_txn_rows {
+                let (c, mut relay) = catchup::run(ctx, rows).await?;
+                results.catch_up.push(c);
+                relay.stop(Duration::from_secs(30));
+                // Let PostgreSQL settle before what follows: without this the
+                // latency windows measured autovacuum of the backlog and the
+                // checkpoint of its WAL (the relay's 1-row p99 at 1k/s read
+                // 19-23 ms right after catch-up, 7-9 ms on a settled
+                // database). The rows were delivered and counted.
+                say!("catch-up: truncating the backlog and checkpointing");
+                sql(ctx)
+                    .await?
+                    .batch_execute(&format!("TRUNCATE {RELAY_TABLE}; CHECKPOINT"))
+                    .await
+                    .map_err(|e| format!("settle after catch-up: {e}"))?;
+            }
+        }
+        // Every window starts on a fresh broker and a fresh process under
+        // test, so neither earlier data in tansu nor an earlier window's
+        // memory counts.
+        if want("steady") {
+            for rows in [1, s.txn_rows] {
+                for &rate in &s.rates {
+                    ctx.fresh_broker().await?;
+                    let mut relay = ctx.start_relay().await?;
+                    let w =
+                        steady::window(ctx, &mut Subject::Relay(&mut relay), rows, rate).await?;
+                    // SIGTERM drains and confirms: the next relay starts after this one.
+                    relay.stop(Duration::from_secs(30));
+                    results.steady.push(w);
+                }
+            }
+        }
+        if want("floor") {
             for &rate in &s.rates {
                 ctx.fresh_broker().await?;
-                let mut relay = ctx.start_relay().await?;
-                let w = steady::window(ctx, &mut Subject::Relay(&mut relay), rows, rate).await?;
-                // SIGTERM drains and confirms: the next relay starts after this one.
-                relay.stop(Duration::from_secs(30));
+                let w = steady::window(ctx, &mut Subject::BrokerFloor, 1, rate).await?;
                 results.steady.push(w);
             }
         }
-    }
-    if want("floor") {
-        for &rate in &s.rates {
-            ctx.fresh_broker().await?;
-            let w = steady::window(ctx, &mut Subject::BrokerFloor, 1, rate).await?;
-            results.steady.push(w);
-        }
-    }
-    if want("polling") {
-        for &interval in &s.poll_intervals {
-            for &rows in &s.poll_modes {
-                for &rate in &s.rates {
-                    ctx.fresh_broker().await?;
-                    let w =
-                        steady::window(ctx, &mut Subject::Polling { interval }, rows, rate).await?;
-                    results.steady.push(w);
+        if want("polling") && i == 0 {
+            for &interval in &s.poll_intervals {
+                for &rows in &s.poll_modes {
+                    for &rate in &s.rates {
+                        ctx.fresh_broker().await?;
+                        let w = steady::window(ctx, &mut Subject::Polling { interval }, rows, rate)
+                            .await?;
+                        results.steady.push(w);
+                    }
                 }
             }
         }
@@ -490,14 +551,24 @@ fn add_notes(r: &mut Results) {
             ));
         }
     }
-    if let Some(c) = &r.catch_up {
-        if c.relay_records_verified != c.events {
+    for c in &r.catch_up {
+        if c.relay_records_verified.is_some_and(|n| n != c.events) {
             notes.push(format!(
-                "catch-up: the relay's topic holds {} records by consuming, expected {}.",
-                c.relay_records_verified, c.events
+                "catch-up ({}, {} row(s)/txn): the relay's topic holds {} records by consuming, \
+                 expected {}.",
+                c.broker,
+                c.txn_rows,
+                c.relay_records_verified.unwrap_or(0),
+                c.events
             ));
         }
     }
+    notes.push(
+        "`@mock` rows and the mock catch-ups ran on librdkafka's mock cluster, hosted in the \
+         benchmark's process: it acknowledges at once, so they measure the relay apart from \
+         tansu; its CPU is counted in the bench's, not as broker CPU."
+            .into(),
+    );
     notes.push(
         "The broker is tansu (memory storage), not Apache Kafka: broker-side figures \
          (raw producer, broker CPU, the broker floor) are tansu's. tansu answers a fetch only \

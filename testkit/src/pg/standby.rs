@@ -6,6 +6,8 @@
 #![allow(dead_code)]
 
 use super::*;
+use crate::process::temp_dir as test_temp_dir;
+use crate::{set_and_reload, wait_until};
 
 /// How the standby is set up.
 #[derive(Clone, Copy, Debug)]

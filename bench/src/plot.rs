@@ -17,6 +17,8 @@ const H: u32 = 620;
 fn color(subject: &str) -> RGBColor {
     match subject {
         "relay" => RGBColor(31, 119, 180),
+        "relay@mock" => RGBColor(44, 160, 44),
+        "broker-floor@mock" => RGBColor(190, 190, 190),
         "broker-floor" => RGBColor(120, 120, 120),
         s if s.ends_with("ms") => RGBColor(255, 127, 14),
         _ => RGBColor(214, 39, 40),
@@ -39,7 +41,7 @@ pub fn draw(windows: &[Window], path: &Path) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         let mut shapes: Vec<usize> = windows
             .iter()
-            .filter(|w| w.subject != "broker-floor")
+            .filter(|w| !w.subject.starts_with("broker-floor"))
             .map(|w| w.rows_per_txn)
             .collect();
         shapes.sort_unstable();
@@ -70,7 +72,8 @@ fn panel_chart<DB: DrawingBackend>(
     let ws: Vec<&Window> = windows
         .iter()
         .filter(|w| {
-            (w.rows_per_txn == shape || w.subject == "broker-floor") && w.latency.samples > 0
+            (w.rows_per_txn == shape || w.subject.starts_with("broker-floor"))
+                && w.latency.samples > 0
         })
         .collect();
     let rates = ws.iter().map(|w| w.target_rate as f64);
@@ -126,7 +129,13 @@ fn panel_chart<DB: DrawingBackend>(
 
     let mut subjects: Vec<&str> = ws.iter().map(|w| w.subject.as_str()).collect();
     subjects.dedup();
-    subjects.sort_by_key(|s| (*s != "relay", *s == "broker-floor", s.to_string()));
+    subjects.sort_by_key(|s| {
+        (
+            !s.starts_with("relay"),
+            s.starts_with("broker-floor"),
+            s.to_string(),
+        )
+    });
     subjects.dedup();
     type Pick = fn(&Window) -> f64;
     let percentiles: [(&str, Pick, u32); 3] = [

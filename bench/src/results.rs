@@ -8,7 +8,8 @@ use crate::load::Latency;
 #[derive(Debug, Default, Serialize)]
 pub struct Results {
     pub meta: Meta,
-    pub catch_up: Option<CatchUp>,
+    /// One per broker and backlog shape.
+    pub catch_up: Vec<CatchUp>,
     /// Steady-rate windows, relay and polling baselines alike.
     pub steady: Vec<Window>,
     /// Things the reader must know (unsustained rates, missing records, ...).
@@ -32,7 +33,7 @@ pub struct Meta {
     pub relay_args: Vec<String>,
     pub events: u64,
     pub payload_bytes: usize,
-    pub backlog_txn_rows: usize,
+    pub backlog_txn_rows: Vec<usize>,
     pub rates: Vec<u64>,
     pub warmup_s: f64,
     pub window_s: f64,
@@ -86,23 +87,34 @@ pub struct MachineUsage {
 
 #[derive(Debug, Default, Serialize)]
 pub struct CatchUp {
+    /// `tansu` or `mock`.
+    pub broker: String,
     pub events: u64,
     pub payload_bytes: usize,
     pub txn_rows: usize,
     pub backlog_insert_s: f64,
     pub wal_bytes: u64,
+    /// The faster of the two below: what the server can send at all.
     pub ceiling: CatchUpRun,
+    pub ceiling_pg_recvlogical: CatchUpRun,
+    /// The bench's minimal client on the relay's replication code, reading
+    /// and discarding the same stream.
+    pub ceiling_rust_client: CatchUpRun,
     pub raw_producer: CatchUpRun,
     pub relay: CatchUpRun,
     /// Relay events/s divided by the pg_recvlogical ceiling's.
     pub relay_ratio_to_ceiling: f64,
+    /// Relay CPU per event divided by the raw producer's.
+    pub relay_cpu_ratio_to_raw: f64,
     /// Seconds from the relay's start to its "streaming" log line.
     pub relay_startup_s: Option<f64>,
-    /// Records of the relay's topic, counted by consuming it afterwards.
-    pub relay_records_verified: u64,
+    /// Records of the relay's topic, counted by consuming it afterwards;
+    /// `None` on the mock broker, which keeps only the last 5 MiB (or 100,000
+    /// records) of a partition.
+    pub relay_records_verified: Option<u64>,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct CatchUpRun {
     pub what: String,
     pub elapsed_s: f64,
@@ -116,8 +128,11 @@ pub struct CatchUpRun {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Window {
-    /// `relay`, `poll-100ms`, `poll-5s`...
+    /// `relay`, `poll-100ms`, `poll-5s`, `broker-floor`; `…@mock` on the mock
+    /// broker.
     pub subject: String,
+    /// `tansu` or `mock`.
+    pub broker_kind: String,
     pub rows_per_txn: usize,
     pub writers: usize,
     pub target_rate: u64,
@@ -148,6 +163,9 @@ pub struct Window {
     /// latency histogram (its share, without the consumer path); broker-floor
     /// windows the paced producer's exact send → ack (the broker's part).
     pub ack: Option<BucketLatency>,
+    /// Relay windows: the same records' stages from the relay's
+    /// `outbox_relay_stage_latency_seconds` (server, relay, broker).
+    pub stages: Vec<(String, BucketLatency)>,
 }
 
 /// Percentiles estimated from the deltas of a cumulative histogram (linear

@@ -3,8 +3,10 @@
 //! backlog's end, which the relay only does after the broker acked every record
 //! before it). Compared in the same run with
 //!
-//! * the ceiling: `pg_recvlogical` streaming pgoutput from an identical slot to
-//!   `/dev/null` until the same end LSN — what the server can send at all;
+//! * the ceiling: what the server can send at all, the faster of
+//!   `pg_recvlogical` streaming pgoutput from an identical slot to `/dev/null`
+//!   until the same end LSN, and the benchmark's minimal Rust client on the
+//!   relay's replication code reading and discarding it ([`crate::rawstream`]);
 //! * raw rdkafka producing the same records to the broker — what the broker
 //!   can take at all.
 
@@ -15,9 +17,12 @@ use crate::load::{self, pad};
 use crate::process::{self, Guarded};
 use crate::results::{CatchUp, CatchUpRun};
 use crate::scenarios::{
-    between, current_lsn, path_str, slot_confirmed, sql, wait_log, Ctx, CEILING_SLOT, PUBLICATION,
-    RELAY_SLOT, RELAY_TABLE,
+    advance_relay_slot, between, current_lsn, path_str, slot_confirmed, sql, wait_log, Ctx,
+    CEILING_SLOT, PUBLICATION, RELAY_SLOT, RELAY_TABLE,
 };
+
+/// The Rust client's ceiling slot.
+const CEILING_SLOT_RUST: &str = "bench_ceiling_rust";
 
 pub const CATCHUP_TYPE: &str = "catchup";
 const RAW_TOPIC: &str = "bench.raw_producer";
@@ -77,7 +82,7 @@ async fn ensure_slot(client: &tokio_postgres::Client, slot: &str) -> Result<(), 
 
 /// Inserts the backlog with a server-side procedure (one COMMIT per
 /// `txn_rows` rows), on two connections at once.
-async fn insert_backlog(ctx: &Ctx) -> Result<f64, String> {
+async fn insert_backlog(ctx: &Ctx, txn_rows: usize) -> Result<f64, String> {
     let s = &ctx.settings;
     let client = sql(ctx).await?;
     client
@@ -105,7 +110,7 @@ async fn insert_backlog(ctx: &Ctx) -> Result<f64, String> {
         let first = (s.events * p / parts) as i64;
         let n = (s.events * (p + 1) / parts) as i64 - first;
         let c = sql(ctx).await?;
-        let per_txn = s.backlog_txn_rows as i32;
+        let per_txn = txn_rows as i32;
         let pad = pad(s.payload_bytes);
         tasks.push(tokio::spawn(async move {
             c.execute(
@@ -124,25 +129,28 @@ async fn insert_backlog(ctx: &Ctx) -> Result<f64, String> {
 
 /// Runs the scenario; returns its figures and the relay, still running (the
 /// steady scenario goes on with it).
-pub async fn run(ctx: &mut Ctx) -> Result<(CatchUp, Guarded), String> {
+pub async fn run(ctx: &mut Ctx, txn_rows: usize) -> Result<(CatchUp, Guarded), String> {
     let s = ctx.settings.clone();
     let client = sql(ctx).await?;
+    advance_relay_slot(&client).await?;
     ensure_slot(&client, CEILING_SLOT).await?;
+    ensure_slot(&client, CEILING_SLOT_RUST).await?;
     let lsn_before = current_lsn(&client).await?;
     say!(
-        "catch-up: inserting a backlog of {} events ({} per transaction)",
+        "catch-up ({}): inserting a backlog of {} events ({txn_rows} per transaction)",
+        ctx.broker.kind(),
         s.events,
-        s.backlog_txn_rows
     );
-    let backlog_insert_s = insert_backlog(ctx).await?;
+    let backlog_insert_s = insert_backlog(ctx, txn_rows).await?;
     let end_lsn = current_lsn(&client).await?;
     // Let the writers' dust settle (autovacuum, bgwriter) before timing.
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let mut out = CatchUp {
+        broker: ctx.broker.kind().to_string(),
         events: s.events,
         payload_bytes: s.payload_bytes,
-        txn_rows: s.backlog_txn_rows,
+        txn_rows,
         backlog_insert_s,
         wal_bytes: end_lsn.saturating_sub(lsn_before),
         ..CatchUp::default()
@@ -152,7 +160,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<(CatchUp, Guarded), String> {
     say!("catch-up: pg_recvlogical ceiling");
     let endpos = format!("{:X}/{:X}", end_lsn >> 32, end_lsn & 0xffff_ffff);
     let (o, e) = ctx.log_file("pg_recvlogical.log")?;
-    let mut cmd = Command::new(ctx.pg.bindir.join("pg_recvlogical"));
+    let mut cmd = Command::new(ctx.pg.bindir().join("pg_recvlogical"));
     cmd.arg("-d")
         .arg(ctx.pg.conninfo())
         .args(["--slot", CEILING_SLOT, "--start", "--no-loop", "-F", "0"])
@@ -179,17 +187,64 @@ pub async fn run(ctx: &mut Ctx) -> Result<(CatchUp, Guarded), String> {
             std::fs::read_to_string(ctx.scratch_path("pg_recvlogical.log")).unwrap_or_default()
         ));
     }
-    out.ceiling = catch_up_run(
+    out.ceiling_pg_recvlogical = catch_up_run(
         ctx,
         "pg_recvlogical → /dev/null",
         &a,
         &b,
         Some(last.vm_hwm_kb),
     );
-    client
-        .execute("SELECT pg_drop_replication_slot($1)", &[&CEILING_SLOT])
-        .await
-        .map_err(|e| format!("drop the ceiling slot: {e}"))?;
+
+    // 1b. The same stream read by a minimal client on the relay's own
+    //     replication code, discarded.
+    say!("catch-up: Rust replication client ceiling");
+    let summary = ctx.scratch_path("raw-stream.json");
+    let _ = std::fs::remove_file(&summary);
+    let args = vec![
+        "--port".into(),
+        ctx.pg.port().to_string(),
+        "--slot".into(),
+        CEILING_SLOT_RUST.into(),
+        "--publication".into(),
+        PUBLICATION.into(),
+        "--end-lsn".into(),
+        endpos.clone(),
+        "--summary".into(),
+        path_str(&summary),
+    ];
+    let a = ctx.snapshot(None);
+    let mut reader = ctx.spawn_self("raw-stream", &args)?;
+    let status = reader
+        .wait_sampling(STEP_TIMEOUT)
+        .ok_or("the Rust replication client did not reach the end LSN in time")?;
+    let mut b = ctx.snapshot(None);
+    let last = reader.sample().unwrap_or_default();
+    b.subject = Some(last.clone());
+    if !status.success() || !summary.is_file() {
+        return Err(format!(
+            "the Rust replication client failed ({status}): {}",
+            std::fs::read_to_string(ctx.scratch_path("raw-stream.log")).unwrap_or_default()
+        ));
+    }
+    out.ceiling_rust_client = catch_up_run(
+        ctx,
+        "Rust replication client → discard",
+        &a,
+        &b,
+        Some(last.vm_hwm_kb),
+    );
+    out.ceiling = if out.ceiling_rust_client.events_per_s > out.ceiling_pg_recvlogical.events_per_s
+    {
+        out.ceiling_rust_client.clone()
+    } else {
+        out.ceiling_pg_recvlogical.clone()
+    };
+    for slot in [CEILING_SLOT, CEILING_SLOT_RUST] {
+        client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await
+            .map_err(|e| format!("drop the ceiling slot {slot}: {e}"))?;
+    }
 
     // 2. Raw rdkafka: the same records, straight to a fresh broker.
     say!("catch-up: raw rdkafka producer");
@@ -312,6 +367,11 @@ pub async fn run(ctx: &mut Ctx) -> Result<(CatchUp, Guarded), String> {
     } else {
         0.0
     };
+    out.relay_cpu_ratio_to_raw = if out.raw_producer.process.cpu_per_event_us > 0.0 {
+        out.relay.process.cpu_per_event_us / out.raw_producer.process.cpu_per_event_us
+    } else {
+        0.0
+    };
     if wait_log(ctx, &mut relay, "streaming", Duration::from_secs(1))
         .await
         .is_none()
@@ -322,11 +382,18 @@ pub async fn run(ctx: &mut Ctx) -> Result<(CatchUp, Guarded), String> {
     say!("catch-up: counting the relay's records in Kafka");
     let bootstrap = ctx.broker.bootstrap();
     let events = s.events;
-    out.relay_records_verified = tokio::task::spawn_blocking(move || {
-        load::count_records(&bootstrap, &topic, events, Duration::from_secs(300))
-    })
-    .await
-    .map_err(|e| e.to_string())?;
+    let mock = ctx.broker.kind() == crate::broker::Kind::Mock;
+    out.relay_records_verified = if mock {
+        None
+    } else {
+        Some(
+            tokio::task::spawn_blocking(move || {
+                load::count_records(&bootstrap, &topic, events, Duration::from_secs(300))
+            })
+            .await
+            .map_err(|e| e.to_string())?,
+        )
+    };
     ctx.broker
         .delete_topics(&[format!("outbox.event.{CATCHUP_TYPE}")])
         .await;
