@@ -80,11 +80,43 @@ async fn ensure_slot(client: &tokio_postgres::Client, slot: &str) -> Result<(), 
     Ok(())
 }
 
+/// What a catch-up backlog is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Source {
+    /// Rows of the outbox table.
+    Rows,
+    /// Transactional logical decoding messages with prefix `outbox` (the
+    /// event JSON `sql/05_emit.sql`'s `outbox_emit` builds), no table.
+    Messages,
+}
+
+impl Source {
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Rows => "rows",
+            Source::Messages => "messages",
+        }
+    }
+}
+
 /// Inserts the backlog with a server-side procedure (one COMMIT per
-/// `txn_rows` rows), on two connections at once.
-async fn insert_backlog(ctx: &Ctx, txn_rows: usize) -> Result<f64, String> {
+/// `txn_rows` events), on two connections at once.
+async fn insert_backlog(ctx: &Ctx, txn_rows: usize, source: Source) -> Result<f64, String> {
     let s = &ctx.settings;
     let client = sql(ctx).await?;
+    let write = match source {
+        Source::Rows => format!(
+            "INSERT INTO {RELAY_TABLE} (aggregatetype, aggregateid, type, payload)
+                   SELECT '{CATCHUP_TYPE}', ((first + i + g) % 1000)::text, 'BenchEvent',
+                          jsonb_build_object('seq', first + i + g, 'pad', pad)"
+        ),
+        Source::Messages => format!(
+            "PERFORM pg_logical_emit_message(true, 'outbox', jsonb_build_object(
+                     'aggregatetype', '{CATCHUP_TYPE}', 'aggregateid', ((first + i + g) % 1000)::text,
+                     'type', 'BenchEvent',
+                     'payload', jsonb_build_object('seq', first + i + g, 'pad', pad))::text)"
+        ),
+    };
     client
         .batch_execute(&format!(
             "CREATE OR REPLACE PROCEDURE bench_backlog(first int8, n int8, per_txn int, pad text)
@@ -92,9 +124,7 @@ async fn insert_backlog(ctx: &Ctx, txn_rows: usize) -> Result<f64, String> {
              DECLARE i int8 := 0;
              BEGIN
                WHILE i < n LOOP
-                 INSERT INTO {RELAY_TABLE} (aggregatetype, aggregateid, type, payload)
-                   SELECT '{CATCHUP_TYPE}', ((first + i + g) % 1000)::text, 'BenchEvent',
-                          jsonb_build_object('seq', first + i + g, 'pad', pad)
+                 {write}
                    FROM generate_series(0, LEAST(per_txn, n - i) - 1) AS g;
                  COMMIT;
                  i := i + per_txn;
@@ -129,7 +159,11 @@ async fn insert_backlog(ctx: &Ctx, txn_rows: usize) -> Result<f64, String> {
 
 /// Runs the scenario; returns its figures and the relay, still running (the
 /// steady scenario goes on with it).
-pub async fn run(ctx: &mut Ctx, txn_rows: usize) -> Result<(CatchUp, Guarded), String> {
+pub async fn run(
+    ctx: &mut Ctx,
+    txn_rows: usize,
+    source: Source,
+) -> Result<(CatchUp, Guarded), String> {
     let s = ctx.settings.clone();
     let client = sql(ctx).await?;
     advance_relay_slot(&client).await?;
@@ -137,11 +171,12 @@ pub async fn run(ctx: &mut Ctx, txn_rows: usize) -> Result<(CatchUp, Guarded), S
     ensure_slot(&client, CEILING_SLOT_RUST).await?;
     let lsn_before = current_lsn(&client).await?;
     say!(
-        "catch-up ({}): inserting a backlog of {} events ({txn_rows} per transaction)",
+        "catch-up ({}): inserting a backlog of {} events as {} ({txn_rows} per transaction)",
         ctx.broker.kind(),
         s.events,
+        source.name(),
     );
-    let backlog_insert_s = insert_backlog(ctx, txn_rows).await?;
+    let backlog_insert_s = insert_backlog(ctx, txn_rows, source).await?;
     let end_lsn = current_lsn(&client).await?;
     // Let the writers' dust settle (autovacuum, bgwriter) before timing.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -151,6 +186,7 @@ pub async fn run(ctx: &mut Ctx, txn_rows: usize) -> Result<(CatchUp, Guarded), S
         events: s.events,
         payload_bytes: s.payload_bytes,
         txn_rows,
+        source: source.name().to_string(),
         backlog_insert_s,
         wal_bytes: end_lsn.saturating_sub(lsn_before),
         ..CatchUp::default()
@@ -166,7 +202,9 @@ pub async fn run(ctx: &mut Ctx, txn_rows: usize) -> Result<(CatchUp, Guarded), S
         .args(["--slot", CEILING_SLOT, "--start", "--no-loop", "-F", "0"])
         .arg("--endpos")
         .arg(&endpos)
-        .args(["-o", "proto_version=1", "-o"])
+        // `messages`: the stream the relay reads (it asks for logical
+        // decoding messages by default).
+        .args(["-o", "proto_version=1", "-o", "messages=true", "-o"])
         .arg(format!("publication_names={PUBLICATION}"))
         .args(["-f", "/dev/null"])
         .stdin(Stdio::null())

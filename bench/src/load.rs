@@ -50,6 +50,9 @@ pub fn pad(payload_bytes: usize) -> String {
 /// What the writers are asked to do.
 #[derive(Debug, Clone)]
 pub struct WriterPlan {
+    /// Write each event as a transactional logical decoding message with
+    /// prefix `outbox` (the JSON `outbox_emit` builds), not as a table row.
+    pub messages: bool,
     pub table: String,
     pub aggregatetype: String,
     /// Events (rows) per second.
@@ -104,7 +107,21 @@ pub async fn run_writers(
         });
         clients.push(client);
     }
-    let sql = if plan.rows_per_txn == 1 {
+    let sql = if plan.messages {
+        // $3 (1 per transaction) or $4 is the pad, as for rows.
+        let (n, pad) = if plan.rows_per_txn == 1 {
+            ("1", "$3")
+        } else {
+            ("$3::int4", "$4")
+        };
+        format!(
+            "SELECT count(pg_logical_emit_message(true, 'outbox', jsonb_build_object( \
+               'aggregatetype', $1::text, 'aggregateid', (($2::int8 + g) % 1000)::text, \
+               'type', 'BenchEvent', \
+               'payload', jsonb_build_object('seq', $2::int8 + g, 'pad', {pad}::text))::text)) \
+             FROM generate_series(0, {n} - 1) AS g"
+        )
+    } else if plan.rows_per_txn == 1 {
         format!(
             "INSERT INTO {} (aggregatetype, aggregateid, type, payload) \
              VALUES ($1, ($2::int8 % 1000)::text, 'BenchEvent', \

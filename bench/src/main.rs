@@ -90,6 +90,14 @@ struct BenchArgs {
     /// Rows per transaction of the catch-up backlogs, one catch-up each
     #[arg(long, value_delimiter = ',', default_value = "1,1000")]
     backlog_txn_rows: Vec<usize>,
+    /// What the catch-up backlogs are made of: outbox table `rows` and/or
+    /// logical decoding `messages` (pg_logical_emit_message), one catch-up each
+    #[arg(long, value_delimiter = ',', default_value = "rows")]
+    backlog_sources: Vec<catchup::Source>,
+    /// What the relay's steady windows write: outbox table `rows` and/or
+    /// logical decoding `messages`, every shape and rate each
+    #[arg(long, value_delimiter = ',', default_value = "rows")]
+    steady_sources: Vec<catchup::Source>,
     /// Steady insert rates, events/s
     #[arg(long, value_delimiter = ',', default_value = "2000,5000,20000")]
     rates: Vec<u64>,
@@ -204,6 +212,8 @@ fn settings(a: &BenchArgs) -> Settings {
         events: a.events.unwrap_or(if q { 20_000 } else { 200_000 }),
         payload_bytes: a.payload_bytes,
         backlog_txn_rows: a.backlog_txn_rows.iter().map(|&r| r.max(1)).collect(),
+        backlog_sources: a.backlog_sources.clone(),
+        steady_sources: a.steady_sources.clone(),
         brokers: a.brokers.clone(),
         rates: a.rates.clone(),
         warmup: a
@@ -477,8 +487,12 @@ async fn run_scenarios(
             ctx.broker.warm_up().await?;
         }
         if want("catchup") {
-            for &rows in &s.backlog_txn_rows {
-                let (c, mut relay) = catchup::run(ctx, rows).await?;
+            for (&source, &rows) in s
+                .backlog_sources
+                .iter()
+                .flat_map(|src| s.backlog_txn_rows.iter().map(move |r| (src, r)))
+            {
+                let (c, mut relay) = catchup::run(ctx, rows, source).await?;
                 results.catch_up.push(c);
                 relay.stop(Duration::from_secs(30));
                 // Let PostgreSQL settle before what follows: without this the
@@ -498,12 +512,17 @@ async fn run_scenarios(
         // test, so neither earlier data in tansu nor an earlier window's
         // memory counts.
         if want("steady") {
-            for rows in [1, s.txn_rows] {
+            for (&source, rows) in s
+                .steady_sources
+                .iter()
+                .flat_map(|src| [1, s.txn_rows].map(move |r| (src, r)))
+            {
                 for &rate in &s.rates {
                     ctx.fresh_broker().await?;
                     let mut relay = ctx.start_relay().await?;
                     let w =
-                        steady::window(ctx, &mut Subject::Relay(&mut relay), rows, rate).await?;
+                        steady::window(ctx, &mut Subject::Relay(&mut relay, source), rows, rate)
+                            .await?;
                     // SIGTERM drains and confirms: the next relay starts after this one.
                     relay.stop(Duration::from_secs(30));
                     results.steady.push(w);
@@ -554,10 +573,10 @@ fn add_notes(r: &mut Results) {
     for c in &r.catch_up {
         if c.relay_records_verified.is_some_and(|n| n != c.events) {
             notes.push(format!(
-                "catch-up ({}, {} row(s)/txn): the relay's topic holds {} records by consuming, \
+                "catch-up ({}, {}): the relay's topic holds {} records by consuming, \
                  expected {}.",
                 c.broker,
-                c.txn_rows,
+                c.shape(),
                 c.relay_records_verified.unwrap_or(0),
                 c.events
             ));

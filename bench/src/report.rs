@@ -18,7 +18,7 @@ pub fn targets(r: &Results) -> Vec<Target> {
             "pg_recvlogical"
         };
         out.push(Target {
-            what: format!("catch-up, {}, {} row(s)/txn", c.broker, c.txn_rows),
+            what: format!("catch-up, {}, {}", c.broker, c.shape()),
             target: "≥ 0.8 × ceiling".into(),
             measured: format!(
                 "{:.2} × ({:.0} vs {:.0} events/s, ceiling: {which})",
@@ -27,10 +27,7 @@ pub fn targets(r: &Results) -> Vec<Target> {
             met: Some(c.relay_ratio_to_ceiling >= 0.8),
         });
         out.push(Target {
-            what: format!(
-                "relay CPU per event, catch-up, {}, {} row(s)/txn",
-                c.broker, c.txn_rows
-            ),
+            what: format!("relay CPU per event, catch-up, {}, {}", c.broker, c.shape()),
             target: "≤ 1.5 × the raw producer's".into(),
             measured: format!(
                 "{:.2} × ({:.2} vs {:.2} µs)",
@@ -71,7 +68,7 @@ pub fn targets(r: &Results) -> Vec<Target> {
     let mut rss: Vec<(String, f64)> = Vec::new();
     for c in &r.catch_up {
         if let Some(m) = c.relay.process.peak_rss_mib {
-            rss.push((format!("catch-up {} × {}", c.broker, c.txn_rows), m));
+            rss.push((format!("catch-up {} × {}", c.broker, c.shape()), m));
         }
     }
     for w in r.steady.iter().filter(|w| w.subject.starts_with("relay")) {
@@ -160,10 +157,10 @@ pub fn markdown(r: &Results) -> String {
     for c in &r.catch_up {
         let _ = writeln!(
             s,
-            "### {} broker, {} row(s) per transaction\n\n{} events (~{} B payload, {:.1} MiB of \
+            "### {} broker, {}\n\n{} events (~{} B payload, {:.1} MiB of \
              WAL, inserted in {:.1} s); relay start: {}.\n",
             c.broker,
-            c.txn_rows,
+            c.shape(),
             c.events,
             c.payload_bytes,
             c.wal_bytes as f64 / 1048576.0,

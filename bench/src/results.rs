@@ -92,6 +92,9 @@ pub struct CatchUp {
     pub events: u64,
     pub payload_bytes: usize,
     pub txn_rows: usize,
+    /// What the backlog is made of: `rows` of the outbox table or
+    /// `messages` (`pg_logical_emit_message`).
+    pub source: String,
     pub backlog_insert_s: f64,
     pub wal_bytes: u64,
     /// The faster of the two below: what the server can send at all.
@@ -238,6 +241,18 @@ pub struct Target {
     pub target: String,
     pub measured: String,
     pub met: Option<bool>,
+}
+
+impl CatchUp {
+    /// "1000 row(s)/txn", "1 message(s)/txn": the backlog's shape, for labels.
+    pub fn shape(&self) -> String {
+        let unit = if self.source == "messages" {
+            "message"
+        } else {
+            "row"
+        };
+        format!("{} {unit}(s)/txn", self.txn_rows)
+    }
 }
 
 #[cfg(test)]

@@ -47,6 +47,10 @@ pub struct Settings {
     pub payload_bytes: usize,
     /// Catch-up backlog shapes: rows per transaction, one catch-up each.
     pub backlog_txn_rows: Vec<usize>,
+    /// Catch-up backlog sources (table rows, logical decoding messages).
+    pub backlog_sources: Vec<crate::catchup::Source>,
+    /// What the relay's steady windows write.
+    pub steady_sources: Vec<crate::catchup::Source>,
     /// Brokers to run on, in order (the polling baseline runs on the first).
     pub brokers: Vec<crate::broker::Kind>,
     pub rates: Vec<u64>,

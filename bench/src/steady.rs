@@ -19,7 +19,9 @@ use crate::scenarios::{
 
 /// Who moves rows to Kafka in a window.
 pub enum Subject<'a> {
-    Relay(&'a mut Guarded),
+    /// The relay, its events written as table rows or as logical decoding
+    /// messages.
+    Relay(&'a mut Guarded, crate::catchup::Source),
     Polling {
         interval: Duration,
     },
@@ -39,7 +41,8 @@ fn interval_label(d: Duration) -> String {
 
 pub fn subject_label(s: &Subject<'_>) -> String {
     match s {
-        Subject::Relay(_) => "relay".into(),
+        Subject::Relay(_, crate::catchup::Source::Rows) => "relay".into(),
+        Subject::Relay(_, crate::catchup::Source::Messages) => "relay-messages".into(),
         Subject::Polling { interval } => format!("poll-{}", interval_label(*interval)),
         Subject::BrokerFloor => "broker-floor".into(),
     }
@@ -64,7 +67,7 @@ pub async fn window(
         s.txn_writers
     };
     let (table, aggregatetype, topic, measure) = match subject {
-        Subject::Relay(_) => {
+        Subject::Relay(..) => {
             let agg = format!("steady_{shape}");
             let topic = format!("outbox.event.{agg}");
             (RELAY_TABLE, agg, topic, s.window)
@@ -143,12 +146,13 @@ pub async fn window(
         poller = Some(ctx.spawn_self("raw-produce", &args)?);
     }
     let subject_pid = match (&*subject, &poller) {
-        (Subject::Relay(r), _) => r.pid(),
+        (Subject::Relay(r, _), _) => r.pid(),
         (_, Some(p)) => p.pid(),
         _ => unreachable!("polling and floor windows have their process"),
     };
 
     let plan = WriterPlan {
+        messages: matches!(subject, Subject::Relay(_, crate::catchup::Source::Messages)),
         table: table.to_string(),
         aggregatetype,
         rate: rate as f64,
@@ -159,7 +163,7 @@ pub async fn window(
         measure,
     };
     let walsender = match subject {
-        Subject::Relay(_) => Some(sample_walsender(ctx, s.warmup, measure).await?),
+        Subject::Relay(..) => Some(sample_walsender(ctx, s.warmup, measure).await?),
         _ => None,
     };
     let snap_a = std::cell::RefCell::new(None);
@@ -170,7 +174,7 @@ pub async fn window(
     } else {
         let outcome = load::run_writers(&ctx.pg.url(), &plan, || {
             *snap_a.borrow_mut() = Some(ctx.snapshot(Some(subject_pid)));
-            if let Subject::Relay(_) = subject {
+            if let Subject::Relay(..) = subject {
                 *ack_a.borrow_mut() = Some(relay_histograms(ctx.relay_http_port.get()));
             }
         })
@@ -180,7 +184,7 @@ pub async fn window(
     let snap_a = snap_a.into_inner().ok_or("the window never opened")?;
 
     let drain = match subject {
-        Subject::Relay(_) | Subject::BrokerFloor => Duration::from_secs(15),
+        Subject::Relay(..) | Subject::BrokerFloor => Duration::from_secs(15),
         Subject::Polling { interval } => *interval + Duration::from_secs(15),
     };
     let stamps = consumer.finish(outcome.rows_total, drain).await?;
@@ -189,7 +193,7 @@ pub async fn window(
     // the end of the drain.
     let mut stages = Vec::new();
     let ack = match (ack_a.into_inner(), &*subject) {
-        (Some(Ok(a)), Subject::Relay(_)) => match relay_histograms(ctx.relay_http_port.get()) {
+        (Some(Ok(a)), Subject::Relay(..)) => match relay_histograms(ctx.relay_http_port.get()) {
             Ok(b) => {
                 let get = |h: &[(String, Buckets)], k: &str| {
                     h.iter()
@@ -252,7 +256,7 @@ pub async fn window(
             peak_kb = Some(last.vm_hwm_kb.max(peak_kb.unwrap_or(0)));
         }
     }
-    if let Subject::Relay(r) = subject {
+    if let Subject::Relay(r, _) = subject {
         if let Some(status) = r.try_status() {
             return Err(format!(
                 "the relay exited ({status}):\n{}",
