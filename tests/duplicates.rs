@@ -14,19 +14,25 @@ use harness::{pg_versions, wait_until, PgVersion, RelayProcess, ShutdownMode};
 async fn steady_load(client: &tokio_postgres::Client, first_seq: u64) -> u64 {
     let mut seq = first_seq;
     for _ in 0..200 {
-        client
-            .batch_execute(&format!(
-                "INSERT INTO outbox_events (aggregatetype, aggregateid, type, payload) \
-                 SELECT 'Order', 'order-' || (g % 5), 'OrderHappened', jsonb_build_object('seq', g) \
-                 FROM generate_series({seq}, {}) g",
-                seq + 9
-            ))
-            .await
-            .expect("insert");
-        seq += 10;
+        seq = insert_txn(client, seq, 10).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     seq
+}
+
+/// One transaction of `n` rows over five keys, sequence numbers from `seq`;
+/// returns the next sequence number.
+async fn insert_txn(client: &tokio_postgres::Client, seq: u64, n: u64) -> u64 {
+    client
+        .batch_execute(&format!(
+            "INSERT INTO outbox_events (aggregatetype, aggregateid, type, payload) \
+             SELECT 'Order', 'order-' || (g % 5), 'OrderHappened', jsonb_build_object('seq', g) \
+             FROM generate_series({seq}, {}) g",
+            seq + n - 1
+        ))
+        .await
+        .expect("insert");
+    seq + n
 }
 
 /// Streaming sessions the relay started so far.
@@ -130,16 +136,7 @@ async fn a_postgres_crash_with_records_in_flight_resends_none_of_them() {
         let mut end = n;
         for _ in 0..10 {
             end = insert_rows(&client, end, 1, 1).await;
-            client
-                .batch_execute(&format!(
-                    "INSERT INTO outbox_events (aggregatetype, aggregateid, type, payload) \
-                     SELECT 'Order', 'order-' || (g % 5), 'OrderHappened', jsonb_build_object('seq', g) \
-                     FROM generate_series({end}, {}) g",
-                    end + 8
-                ))
-                .await
-                .expect("insert");
-            end += 9;
+            end = insert_txn(&client, end, 9).await;
         }
         // The relay reads them within milliseconds and hands them to the
         // producer, which cannot reach the stopped broker.
