@@ -300,24 +300,26 @@ async fn a_refusal_the_record_cannot_be_blamed_for_stops_after_repeats_naming_th
     );
 }
 
-/// A producer being replaced keeps its records until they are delivered (or
-/// failed), instead of purging requests already on the wire that the broker
-/// could append after the new producer's copies.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replaced_producer_finishes_its_records_before_it_is_dropped() {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic(TOPIC, 1, 1).unwrap();
+/// A sink on `cluster` (topic [`TOPIC`] ready) with extra producer
+/// `properties`, a record, and a delivery token from a throwaway tracker (the
+/// sink only carries it).
+async fn sink_record_token(
+    cluster: &MockCluster<'_, DefaultProducerContext>,
+    properties: &[(&str, &str)],
+) -> (KafkaSink, outbox_relay::outbox::OutboxRecord, DeliveryToken) {
     let settings = SinkSettings {
         brokers: cluster.bootstrap_servers(),
-        properties: Default::default(),
+        properties: properties
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         create_topics: false,
         topic_partitions: 1,
         topic_replication_factor: 1,
         max_in_flight_records: 1000,
     };
-    let mut sink = KafkaSink::new(&settings).unwrap();
+    let sink = KafkaSink::new(&settings).unwrap();
     sink.prepare_topic(TOPIC).await.unwrap();
-    // A token from a throwaway tracker: the sink only carries it.
     let mut tracker = outbox_relay::ack::AckTracker::new(Default::default());
     let txn = tracker.begin(0).unwrap();
     let record = outbox_relay::outbox::OutboxRecord {
@@ -336,6 +338,17 @@ async fn a_replaced_producer_finishes_its_records_before_it_is_dropped() {
         trace: None,
         handed: None,
     };
+    (sink, record, token)
+}
+
+/// A producer being replaced keeps its records until they are delivered (or
+/// failed), instead of purging requests already on the wire that the broker
+/// could append after the new producer's copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_producer_finishes_its_records_before_it_is_dropped() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic(TOPIC, 1, 1).unwrap();
+    let (mut sink, record, token) = sink_record_token(&cluster, &[]).await;
     // A first record, acknowledged: the idempotent producer has its id, so
     // the next record's request goes on the wire at once.
     sink.send(&record, token).unwrap();
@@ -370,36 +383,10 @@ async fn a_replaced_producer_finishes_its_records_before_it_is_dropped() {
 async fn a_replaced_producer_purges_records_that_never_left_its_queue() {
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic(TOPIC, 1, 1).unwrap();
-    let settings = SinkSettings {
-        brokers: cluster.bootstrap_servers(),
-        properties: [("message.timeout.ms".to_string(), "8000".to_string())].into(),
-        create_topics: false,
-        topic_partitions: 1,
-        topic_replication_factor: 1,
-        max_in_flight_records: 1000,
-    };
-    let sink = KafkaSink::new(&settings).unwrap();
-    sink.prepare_topic(TOPIC).await.unwrap();
+    let (sink, record, token) =
+        sink_record_token(&cluster, &[("message.timeout.ms", "8000")]).await;
     cluster.broker_down(1).unwrap();
-    let mut tracker = outbox_relay::ack::AckTracker::new(Default::default());
-    let txn = tracker.begin(0).unwrap();
-    let record = outbox_relay::outbox::OutboxRecord {
-        topic: Arc::from(TOPIC),
-        key: Some("k".into()),
-        payload: Some("{}".into()),
-        headers: Vec::new(),
-        id: None,
-    };
     for _ in 0..10 {
-        let token = DeliveryToken {
-            generation: 1,
-            txn,
-            bytes: 2,
-            commit_time: 0,
-            position: RecordPosition::default(),
-            trace: None,
-            handed: None,
-        };
         sink.send(&record, token).unwrap();
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
