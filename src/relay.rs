@@ -40,6 +40,7 @@ use crate::replication::{ReplicationClient, ReplicationError};
 use crate::setup::{self, Problem};
 
 mod cleanup;
+mod coalesce;
 mod delivery;
 mod facts;
 mod holder;
@@ -715,6 +716,7 @@ impl Relay {
             last_status: Instant::now(),
             received: stages::Received::now(),
             burst_produced: None,
+            coalesce: coalesce::Coalesce::default(),
             delivery: self.delivery.for_session(confirmed),
             cleanup: (cfg.relay.delete_delivered
                 && self.opts.confirm

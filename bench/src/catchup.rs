@@ -393,6 +393,11 @@ pub async fn run(
     }
     let mut b = ctx.snapshot(None);
     b.subject = relay.sample();
+    let (voluntary, involuntary) = crate::resources::context_switches(relay.pid());
+    out.relay_context_switches_per_event = (
+        voluntary as f64 / s.events as f64,
+        involuntary as f64 / s.events as f64,
+    );
     if let Some(p) = perf.as_mut() {
         p.stop(Duration::from_secs(60));
     }

@@ -171,6 +171,12 @@ pub fn markdown(r: &Results) -> String {
         );
         let _ = writeln!(
             s,
+            "The relay's threads switched out {:.2} times per event waiting (wake-ups) and \
+             were preempted {:.2} times per event.\n",
+            c.relay_context_switches_per_event.0, c.relay_context_switches_per_event.1
+        );
+        let _ = writeln!(
+            s,
             "| run | time (s) | events/s | × ceiling | process CPU (µs/event) | process peak RSS (MiB) | PostgreSQL CPU (µs/event) | broker CPU (µs/event) | machine busy | other CPU (s) |\n|---|---|---|---|---|---|---|---|---|---|"
         );
         let ceiling = c.ceiling.events_per_s;

@@ -78,6 +78,36 @@ pub fn is_zombie(pid: u32) -> bool {
     matches!(stat_fields(pid), Some(('Z', ..)))
 }
 
+/// Context switches of a live process, summed over its threads from
+/// `/proc/<pid>/task/*/status`: (voluntary, involuntary). A voluntary switch
+/// is a thread going to sleep (waiting for a socket, a lock, a timer), so
+/// their count is the process's wake-ups. Only threads alive now are
+/// counted: sample before the process exits.
+pub fn context_switches(pid: u32) -> (u64, u64) {
+    let mut total = (0, 0);
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return total;
+    };
+    for entry in dir.flatten() {
+        let Ok(text) = fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        for line in text.lines() {
+            let mut parts = line.split_whitespace();
+            let (Some(key), Some(value)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let n: u64 = value.parse().unwrap_or(0);
+            match key {
+                "voluntary_ctxt_switches:" => total.0 += n,
+                "nonvoluntary_ctxt_switches:" => total.1 += n,
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
 /// Running (not exited, not a zombie).
 pub fn alive(pid: u32) -> bool {
     matches!(stat_fields(pid), Some((s, ..)) if s != 'Z' && s != 'X')

@@ -111,6 +111,9 @@ pub struct CatchUp {
     pub relay_cpu_ratio_to_raw: f64,
     /// Seconds from the relay's start to its "streaming" log line.
     pub relay_startup_s: Option<f64>,
+    /// The relay's context switches per event over the catch-up (all its
+    /// threads, start included): voluntary (wake-ups), involuntary (preempted).
+    pub relay_context_switches_per_event: (f64, f64),
     /// Records of the relay's topic, counted by consuming it afterwards;
     /// `None` on the mock broker, which keeps only the last 5 MiB (or 100,000
     /// records) of a partition.

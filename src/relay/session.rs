@@ -79,6 +79,8 @@ pub(super) struct Session<'a> {
     pub(super) delivery: &'a mut super::delivery::DeliveryMemory,
     /// `--delete-delivered` (live relay only, see `cleanup.rs`).
     pub(super) cleanup: Option<super::cleanup::Cleanup>,
+    /// Read coalescing while behind ([`super::coalesce`]).
+    pub(super) coalesce: super::coalesce::Coalesce,
 }
 
 impl Session<'_> {
@@ -123,7 +125,11 @@ impl Session<'_> {
                     break;
                 }
             }
-            let intake = draining.is_none() && self.queued.is_none() && self.window_has_room();
+            let paused_until = self.coalesce.paused_until();
+            let intake = draining.is_none()
+                && self.queued.is_none()
+                && paused_until.is_none()
+                && self.window_has_room();
             if !intake {
                 // Not reading: the server's silence is ours, not its.
                 last_heard = Instant::now();
@@ -137,7 +143,8 @@ impl Session<'_> {
                     self.queued = None;
                     draining = Some(tokio::time::Instant::now() + relay_cfg.shutdown_timeout);
                 }
-                event = sink.next_event() => {
+                // Reports wait out a coalescing pause too: one wake-up for both.
+                event = sink.next_event(), if paused_until.is_none() => {
                     let event = event.expect("the sink's sender lives as long as the sink");
                     // Reports come in bursts (one per record of a produce
                     // batch): take what is already there in this wake-up,
@@ -168,6 +175,9 @@ impl Session<'_> {
                     self.flush_produced();
                 }
                 _ = tokio::time::sleep_until(drain_deadline), if draining.is_some() => {}
+                _ = tokio::time::sleep_until(paused_until.unwrap_or_else(tokio::time::Instant::now)), if paused_until.is_some() => {
+                    self.coalesce.resume(stream).map_err(crate::replication::ReplicationError::from)?;
+                }
                 changed = self.server_stopping.changed(), if stopping_watch => {
                     if changed.is_err() {
                         stopping_watch = false;
@@ -188,13 +198,16 @@ impl Session<'_> {
                     // One socket read holds many frames during catch-up: handle
                     // the buffered ones now, while the window has room, instead
                     // of one select! round (and its timers) per frame.
-                    for _ in 1..BURST {
+                    let mut frames = 1;
+                    while frames < BURST {
                         if self.finished || self.queued.is_some() || !self.window_has_room() {
                             break;
                         }
                         let Some(msg) = stream.try_next_buffered()? else { break };
                         self.on_replication_message(msg, stream, sink).await?;
+                        frames += 1;
                     }
+                    self.coalesce.after_burst(frames, self.received.wall, stream);
                     self.after_intake();
                     // Time spent on the burst (preparing a topic on the broker
                     // can take seconds) was ours, not the server's silence.
@@ -464,6 +477,7 @@ impl Session<'_> {
                             self.report_skipped();
                         }
                         self.tracker.begin(b.commit_time)?;
+                        self.coalesce.on_begin(b.commit_time);
                         self.txn = Some(TxnInfo {
                             xid: b.xid,
                             commit_lsn: b.final_lsn,

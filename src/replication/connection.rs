@@ -41,6 +41,10 @@ pub(crate) struct Connection {
     out: BytesMut,
     /// `Some` when the socket is TLS.
     tls: Option<TlsSession>,
+    /// The TCP socket's descriptor, for [`Connection::set_read_low_water`];
+    /// `None` for a Unix socket. It belongs to the socket this connection
+    /// owns, so it is open as long as `self` is.
+    tcp_fd: Option<std::os::fd::RawFd>,
 }
 
 /// What SCRAM needs to know about a TLS session.
@@ -74,7 +78,12 @@ impl Connection {
             stream
                 .set_nodelay(true)
                 .map_err(|source| ReplicationError::Connect { addr, source })?;
-            negotiate_tls(stream, &cfg.tls).await?
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+            let (socket, tls) = negotiate_tls(stream, &cfg.tls).await?;
+            let mut conn = Connection::new(socket, cfg.max_frame_bytes);
+            conn.tls = tls;
+            conn.tcp_fd = Some(fd);
+            return Ok(conn);
         };
         let mut conn = Connection::new(socket, cfg.max_frame_bytes);
         conn.tls = tls;
@@ -92,6 +101,38 @@ impl Connection {
             writer: write,
             out: BytesMut::with_capacity(256),
             tls: None,
+            tcp_fd: None,
+        }
+    }
+
+    /// Ask the kernel not to report the socket readable until `bytes` are
+    /// queued (`SO_RCVLOWAT`; 1 is the default), so a sender that writes many
+    /// small messages does not wake the reader for each. Lowering it reports
+    /// the socket readable at once if enough is queued (Linux re-checks on
+    /// the change), so a caller that raises it must lower it again when it
+    /// wants whatever is there. Best effort: a Unix socket has none (`Ok`,
+    /// nothing done).
+    pub(crate) fn set_read_low_water(&self, bytes: usize) -> std::io::Result<()> {
+        let Some(fd) = self.tcp_fd else {
+            return Ok(());
+        };
+        let value = libc::c_int::try_from(bytes.max(1)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `fd` is the descriptor of the TCP socket `self` owns (see
+        // `tcp_fd`), so it is open; the option value is a live c_int whose
+        // size is passed with it.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                std::ptr::addr_of!(value).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
         }
     }
 

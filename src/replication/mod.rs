@@ -401,6 +401,13 @@ impl ReplicationStream {
         }
     }
 
+    /// Do not wake the reader until `bytes` are queued on the socket (see
+    /// `Connection::set_read_low_water`); `1` undoes it and reports at once
+    /// whatever is queued.
+    pub fn set_read_low_water(&self, bytes: usize) -> std::io::Result<()> {
+        self.conn.set_read_low_water(bytes)
+    }
+
     /// Like [`next_message`](Self::next_message), but only from bytes already
     /// read: `Ok(None)` when no whole message is buffered (or the copy ended;
     /// `next_message` then says which). Never waits.
