@@ -26,6 +26,7 @@ mod conninfo;
 mod ident;
 mod kafka_security;
 mod layer;
+mod overlay;
 mod units;
 mod validate;
 
