@@ -259,6 +259,22 @@ impl Config {
     /// Fills what `layer` leaves unset with the defaults, reads the password file,
     /// and validates. Every problem is reported in one error.
     pub fn from_layer(layer: Layer) -> Result<Config, ConfigError> {
+        let raw_poison_policy = layer.relay.poison_policy.clone();
+        let (config, mut problems) = Config::resolve(layer);
+        problems.extend(validate::validate(&config));
+        validate::poison(raw_poison_policy.as_ref(), &config, &mut problems);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// `layer` with the defaults filled in and the secret files read, and what
+    /// went wrong on the way; not validated. This is the one place the
+    /// `DEFAULT_*` constants are applied: `Config::default()` is this with
+    /// nothing set.
+    pub(super) fn resolve(layer: Layer) -> (Config, Vec<Problem>) {
         let mut problems = Vec::new();
         let Layer {
             postgres: p,
@@ -267,33 +283,15 @@ impl Config {
             relay: r,
             log: l,
         } = layer;
-        let raw_poison_policy = r.poison_policy.clone();
 
-        let password = match (p.password, p.password_file) {
-            (Some(_), Some(file)) => {
-                problems.push(Problem::new(
-                    format!(
-                        "both {ENV_POSTGRES_PASSWORD} and a password file ({}) are set",
-                        file.display()
-                    ),
-                    "keep one of them",
-                ));
-                None
-            }
-            (Some(pw), None) => Some(pw),
-            (None, Some(file)) => match std::fs::read_to_string(&file) {
-                Ok(text) => Some(strip_one_newline(text)),
-                Err(e) => {
-                    problems.push(Problem::new(
-                        format!("cannot read the PostgreSQL password file {}: {e}", file.display()),
-                        "fix postgres.password_file / --postgres-password-file, or the file's permissions",
-                    ));
-                    None
-                }
-            },
-            (None, None) => None,
-        };
-
+        let password = secret_from(
+            p.password,
+            p.password_file,
+            ENV_POSTGRES_PASSWORD,
+            "PostgreSQL",
+            "postgres.password_file / --postgres-password-file",
+            &mut problems,
+        );
         let sasl_password = secret_from(
             k.sasl_password,
             k.sasl_password_file,
@@ -432,13 +430,7 @@ impl Config {
                 filter: l.filter.unwrap_or_else(|| DEFAULT_LOG_FILTER.into()),
             },
         };
-        problems.extend(validate::validate(&config));
-        validate::poison(raw_poison_policy.as_ref(), &config, &mut problems);
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError::Invalid(problems))
-        }
+        (config, problems)
     }
 }
 
