@@ -322,35 +322,24 @@ impl Default for Config {
     }
 }
 
-impl Default for PostgresConfig {
-    fn default() -> Self {
-        Config::default().postgres
-    }
+/// Each section's default is its part of [`Config::default`].
+macro_rules! section_default {
+    ($($section:ident: $ty:ty),* $(,)?) => {
+        $(impl Default for $ty {
+            fn default() -> Self {
+                Config::default().$section
+            }
+        })*
+    };
 }
 
-impl Default for KafkaConfig {
-    fn default() -> Self {
-        Config::default().kafka
-    }
-}
-
-impl Default for MappingConfig {
-    fn default() -> Self {
-        Config::default().mapping
-    }
-}
-
-impl Default for RelayConfig {
-    fn default() -> Self {
-        Config::default().relay
-    }
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        Config::default().log
-    }
-}
+section_default!(
+    postgres: PostgresConfig,
+    kafka: KafkaConfig,
+    mapping: MappingConfig,
+    relay: RelayConfig,
+    log: LogConfig,
+);
 
 impl MappingConfig {
     /// The columns a row must have, in the order they are checked: id, key, route

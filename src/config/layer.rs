@@ -13,8 +13,7 @@ use super::*;
 
 overlay_section! {
     /// One source of settings; `None` means "not set here". Also the TOML file's schema.
-    #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-    #[serde(deny_unknown_fields)]
+    #[derive(Debug)]
     pub struct Layer {
         #[serde(default)]
         pub postgres: PostgresLayer,
@@ -30,8 +29,6 @@ overlay_section! {
 }
 
 overlay_section! {
-    #[derive(Clone, Default, PartialEq, Deserialize)]
-    #[serde(deny_unknown_fields)]
     pub struct PostgresLayer {
         pub url: Option<String>,
         /// Never read from the file: `OUTBOX_RELAY_POSTGRES_PASSWORD` only.
@@ -77,8 +74,6 @@ impl fmt::Debug for PostgresLayer {
 }
 
 overlay_section! {
-    #[derive(Clone, Default, PartialEq, Deserialize)]
-    #[serde(deny_unknown_fields)]
     pub struct KafkaLayer {
         pub brokers: Option<String>,
         /// Merged key by key with lower layers.
@@ -126,8 +121,7 @@ impl fmt::Debug for KafkaLayer {
 }
 
 overlay_section! {
-    #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-    #[serde(deny_unknown_fields)]
+    #[derive(Debug)]
     pub struct MappingLayer {
         pub id_column: Option<String>,
         pub key_column: Option<String>,
@@ -157,8 +151,7 @@ overlay_section! {
 }
 
 overlay_section! {
-    #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-    #[serde(deny_unknown_fields)]
+    #[derive(Debug)]
     pub struct RelayLayer {
         pub max_in_flight_records: Option<usize>,
         #[serde(default, deserialize_with = "units::de_opt_byte_size")]
@@ -187,8 +180,7 @@ overlay_section! {
 }
 
 overlay_section! {
-    #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-    #[serde(deny_unknown_fields)]
+    #[derive(Debug)]
     pub struct LogLayer {
         pub format: Option<LogFormat>,
         pub filter: Option<String>,

@@ -4,7 +4,9 @@
 //! `relay.poison_policy`) merge key by key, the higher layer winning per key.
 //!
 //! Each section struct is declared through [`overlay_section!`], which writes
-//! its [`Overlay`] from its field list; a new setting needs no other line here.
+//! its [`Overlay`] from its field list and gives every section the same
+//! derives, unknown keys rejected included; a new setting needs no other line
+//! here.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -62,7 +64,10 @@ replaced_whole!(
 );
 
 /// Declares a struct of settings (a section, or the whole layer) as written,
-/// and its [`Overlay`]: field by field, each by its type's rule.
+/// with what every one of them has (`Clone`, `Default`, `PartialEq`, and
+/// `Deserialize` with unknown keys rejected: serde names the key and lists the
+/// valid ones), and its [`Overlay`]: field by field, each by its type's rule.
+/// `Debug` is the caller's: derived, or written to redact secrets.
 macro_rules! overlay_section {
     (
         $(#[$meta:meta])*
@@ -74,6 +79,8 @@ macro_rules! overlay_section {
         }
     ) => {
         $(#[$meta])*
+        #[derive(Clone, Default, PartialEq, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
         pub struct $name {
             $(
                 $(#[$field_meta])*
