@@ -15,15 +15,10 @@ overlay_section! {
     /// One source of settings; `None` means "not set here". Also the TOML file's schema.
     #[derive(Debug)]
     pub struct Layer {
-        #[serde(default)]
         pub postgres: PostgresLayer,
-        #[serde(default)]
         pub kafka: KafkaLayer,
-        #[serde(default)]
         pub mapping: MappingLayer,
-        #[serde(default)]
         pub relay: RelayLayer,
-        #[serde(default)]
         pub log: LogLayer,
     }
 }
@@ -44,11 +39,11 @@ overlay_section! {
         /// PostgreSQL 17+: create the slot with `FAILOVER` (synchronised to standbys).
         pub failover_slot: Option<bool>,
         pub application_name: Option<String>,
-        #[serde(default, deserialize_with = "units::de_opt_duration")]
+        #[serde(deserialize_with = "units::de_opt_duration")]
         pub status_interval: Option<Duration>,
-        #[serde(default, deserialize_with = "units::de_opt_duration")]
+        #[serde(deserialize_with = "units::de_opt_duration")]
         pub connect_timeout: Option<Duration>,
-        #[serde(default, deserialize_with = "units::de_opt_byte_size")]
+        #[serde(deserialize_with = "units::de_opt_byte_size")]
         pub max_frame_bytes: Option<usize>,
     }
 }
@@ -77,7 +72,7 @@ overlay_section! {
     pub struct KafkaLayer {
         pub brokers: Option<String>,
         /// Merged key by key with lower layers.
-        #[serde(default, deserialize_with = "de_properties")]
+        #[serde(deserialize_with = "de_properties")]
         pub properties: BTreeMap<String, String>,
         pub create_topics: Option<bool>,
         pub topic_partitions: Option<i32>,
@@ -154,26 +149,26 @@ overlay_section! {
     #[derive(Debug)]
     pub struct RelayLayer {
         pub max_in_flight_records: Option<usize>,
-        #[serde(default, deserialize_with = "units::de_opt_byte_size")]
+        #[serde(deserialize_with = "units::de_opt_byte_size")]
         pub max_in_flight_bytes: Option<usize>,
-        #[serde(default, deserialize_with = "units::de_opt_duration")]
+        #[serde(deserialize_with = "units::de_opt_duration")]
         pub shutdown_timeout: Option<Duration>,
-        #[serde(default, deserialize_with = "units::de_opt_duration")]
+        #[serde(deserialize_with = "units::de_opt_duration")]
         pub reconnect_backoff_min: Option<Duration>,
-        #[serde(default, deserialize_with = "units::de_opt_duration")]
+        #[serde(deserialize_with = "units::de_opt_duration")]
         pub reconnect_backoff_max: Option<Duration>,
         pub http_listen: Option<String>,
-        #[serde(default, deserialize_with = "units::de_opt_duration")]
+        #[serde(deserialize_with = "units::de_opt_duration")]
         pub ready_stall_timeout: Option<Duration>,
         /// `""` means "off".
         pub otlp_endpoint: Option<String>,
         pub dead_letter_topic: Option<String>,
         /// `class = "stop" | "dead-letter"`, `"*"` for the default.
         pub poison_policy: Option<BTreeMap<String, String>>,
-        #[serde(default, deserialize_with = "units::de_opt_duration")]
+        #[serde(deserialize_with = "units::de_opt_duration")]
         pub slot_busy_retry: Option<Duration>,
         pub terminate_stale_holder: Option<bool>,
-        #[serde(default, deserialize_with = "units::de_opt_duration")]
+        #[serde(deserialize_with = "units::de_opt_duration")]
         pub stale_holder_timeout: Option<Duration>,
         pub delete_delivered: Option<bool>,
     }

@@ -65,8 +65,8 @@ replaced_whole!(
 
 /// Declares a struct of settings (a section, or the whole layer) as written,
 /// with what every one of them has (`Clone`, `Default`, `PartialEq`, and
-/// `Deserialize` with unknown keys rejected: serde names the key and lists the
-/// valid ones), and its [`Overlay`]: field by field, each by its type's rule.
+/// `Deserialize` with unknown keys rejected, serde naming the key and listing
+/// the valid ones, and a missing key or table left unset), and its [`Overlay`]: field by field, each by its type's rule.
 /// `Debug` is the caller's: derived, or written to redact secrets.
 macro_rules! overlay_section {
     (
@@ -80,7 +80,7 @@ macro_rules! overlay_section {
     ) => {
         $(#[$meta])*
         #[derive(Clone, Default, PartialEq, serde::Deserialize)]
-        #[serde(deny_unknown_fields)]
+        #[serde(default, deny_unknown_fields)]
         pub struct $name {
             $(
                 $(#[$field_meta])*
