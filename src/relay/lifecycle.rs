@@ -41,6 +41,8 @@ pub(super) enum SessionEnd {
 }
 
 impl Relay {
+    /// One session, from connecting to what it confirmed; an error says what
+    /// ended it ([`RelayError::disposition`] decides what follows).
     pub(super) async fn session(&mut self) -> Result<SessionEnd, RelayError> {
         self.generation += 1;
         let generation = self.generation;
