@@ -81,6 +81,11 @@ use limits::{
     Window, BURST, LAG_SAMPLE_INTERVAL, PROGRESS_LOG_INTERVAL, PROMPT_INTERVAL, QUEUE_FULL_RETRY,
 };
 
+/// The log target of the files split out of this one (`reconnect`, `lifecycle`,
+/// `slot`, `resume`): their lines keep the target they had before the split,
+/// which log filters and pipelines may match exactly.
+const LOG_TARGET: &str = module_path!();
+
 /// The relay: configuration, the producer, and the shutdown signal.
 pub struct Relay {
     cfg: Config,

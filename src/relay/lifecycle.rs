@@ -21,7 +21,7 @@ use crate::setup;
 use super::lag::sample_lag;
 use super::limits::Window;
 use super::session::Session;
-use super::{cleanup, facts, letgo, pgoutput_options, stages, Relay, RelayError};
+use super::{cleanup, facts, letgo, pgoutput_options, stages, Relay, RelayError, LOG_TARGET};
 
 /// How long ending the copy may take when letting go for a server shutdown.
 const LET_GO_FINISH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -107,7 +107,7 @@ impl Relay {
                 .and_then(|r| r.first().cloned().flatten())
                 .and_then(|t| facts::parse_wal_sender_timeout(&t)),
             Err(e) => {
-                tracing::debug!(error = %e, "cannot read wal_sender_timeout; assuming the default 60s");
+                tracing::debug!(target: LOG_TARGET, error = %e, "cannot read wal_sender_timeout; assuming the default 60s");
                 Some(Duration::from_secs(60))
             }
         };
@@ -118,7 +118,7 @@ impl Relay {
             .start_logical_replication(&pg.slot, start, &options)
             .await?;
         let from = if start.is_zero() { confirmed } else { start };
-        tracing::info!(slot = %pg.slot, from = %from, server_version = version, "streaming");
+        tracing::info!(target: LOG_TARGET, slot = %pg.slot, from = %from, server_version = version, "streaming");
 
         if self.sink.is_none() {
             self.sink = Some(KafkaSink::new(&self.sink_settings())?);
@@ -199,7 +199,7 @@ impl Relay {
             // send; a window-full stream still has data in the socket, which
             // `finish` reads past, bounded by its timeout).
             if let Err(e) = stream.finish(LET_GO_FINISH_TIMEOUT).await {
-                tracing::debug!(error = %e, "replication stream did not finish cleanly");
+                tracing::debug!(target: LOG_TARGET, error = %e, "replication stream did not finish cleanly");
             }
             None
         } else {
@@ -240,7 +240,7 @@ impl Relay {
         self.decode_failures = None;
         if let Some(stream) = stream {
             if let Err(e) = stream.finish(FINISH_TIMEOUT).await {
-                tracing::debug!(error = %e, "replication stream did not finish cleanly");
+                tracing::debug!(target: LOG_TARGET, error = %e, "replication stream did not finish cleanly");
             }
         }
         Ok(if finished {

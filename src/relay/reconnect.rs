@@ -12,7 +12,7 @@ use crate::lsn::Lsn;
 
 use super::holder::terminate_stale_holder;
 use super::lifecycle::SessionEnd;
-use super::{Disposition, Relay, RelayError};
+use super::{Disposition, Relay, RelayError, LOG_TARGET};
 
 /// Sessions in a row that may fail to decode the same position before the
 /// relay stops (the first failures may be a torn connection's doing).
@@ -55,7 +55,7 @@ impl Relay {
             self.metrics.reconnect();
             if err.rebuild_producer() {
                 if let Some(sink) = self.sink.take() {
-                    tracing::warn!("rebuilding the kafka producer");
+                    tracing::warn!(target: LOG_TARGET, "rebuilding the kafka producer");
                     self.metrics.producer_rebuild();
                     sink.close_for_rebuild(&self.shutdown).await;
                 }
@@ -69,16 +69,16 @@ impl Relay {
                 if self.cfg.relay.terminate_stale_holder {
                     terminate_stale_holder(&self.cfg).await;
                 }
-                tracing::info!(error = %err, "the slot is held by another process; standing by");
+                tracing::info!(target: LOG_TARGET, error = %err, "the slot is held by another process; standing by");
                 self.cfg.relay.slot_busy_retry
             } else {
                 // Full jitter between min and the current ceiling.
                 let delay = rand::thread_rng().gen_range(min..=backoff.max(min));
                 if matches!(err, RelayError::ServerShuttingDown { .. }) {
                     // Not a failure: the database restarts (logged when we let go).
-                    tracing::info!(retry_in = ?delay, "resuming from the slot once PostgreSQL is back");
+                    tracing::info!(target: LOG_TARGET, retry_in = ?delay, "resuming from the slot once PostgreSQL is back");
                 } else {
-                    tracing::warn!(error = %err, retry_in = ?delay, "replication session failed; resuming from the slot");
+                    tracing::warn!(target: LOG_TARGET, error = %err, retry_in = ?delay, "replication session failed; resuming from the slot");
                 }
                 backoff = (backoff * 2).min(max);
                 delay

@@ -10,7 +10,7 @@ use crate::config::PostgresConfig;
 use crate::lsn::Lsn;
 use crate::sql::SqlConnection;
 
-use super::{identity, progress, Relay, RelayError};
+use super::{identity, progress, Relay, RelayError, LOG_TARGET};
 
 impl Relay {
     /// The position to ask `START_REPLICATION` for: [`Lsn::ZERO`] (the slot's
@@ -73,7 +73,7 @@ impl Relay {
             }
             Err(e) => {
                 if !self.progress_warned {
-                    tracing::warn!(
+                    tracing::warn!(target: LOG_TARGET,
                         error = %e,
                         table = %progress::table_name(&pg.table),
                         "cannot use the progress table: after a PostgreSQL crash the relay re-sends what the slot forgot (create it with sql/04_progress.sql, or grant the relay CREATE on the schema)"
@@ -128,11 +128,11 @@ async fn warn_skipped(
         .await
         .map(|row| row.get::<_, i64>(0));
     match count {
-        Ok(n) => tracing::warn!(
+        Ok(n) => tracing::warn!(target: LOG_TARGET,
             from = %confirmed, to = %start, skipped_rows = n,
             "--start-lsn skips every transaction committing between the slot's confirmed position and the start position, for good"
         ),
-        Err(e) => tracing::warn!(
+        Err(e) => tracing::warn!(target: LOG_TARGET,
             from = %confirmed, to = %start, error = %crate::setup::describe_pg_error(&e),
             "--start-lsn skips every transaction committing between the slot's confirmed position and the start position, for good (could not count them)"
         ),

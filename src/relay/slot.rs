@@ -13,7 +13,7 @@ use crate::setup::SlotState;
 use crate::sql::SqlConnection;
 
 use super::error::slot_creation_error;
-use super::{facts, identity, progress, Relay, RelayError};
+use super::{facts, identity, progress, Relay, RelayError, LOG_TARGET};
 
 impl Relay {
     /// Is this the server, and the slot, this process streamed from before?
@@ -51,7 +51,7 @@ impl Relay {
                 self.memory.server = Some(was);
                 return Err(self.gap(gap));
             }
-            tracing::warn!(
+            tracing::warn!(target: LOG_TARGET,
                 from_timeline = was.timeline,
                 to_timeline = server.timeline,
                 host = %connect.host,
@@ -105,7 +105,7 @@ impl Relay {
                     .await
                     .map_err(|e| slot_creation_error(e, &pg.slot))?;
                 self.memory.slot_seen = true;
-                tracing::warn!(
+                tracing::warn!(target: LOG_TARGET,
                     slot = %pg.slot,
                     consistent_point = %created.consistent_point,
                     failover_slot = version >= 170000 && pg.failover_slot,
