@@ -26,6 +26,7 @@ mod conninfo;
 mod ident;
 mod kafka_security;
 mod layer;
+mod overlay;
 mod units;
 mod validate;
 
@@ -170,7 +171,7 @@ pub const DEFAULT_LOG_FILTER: &str = "info";
 // The resolved configuration
 // ---------------------------------------------------------------------------
 
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub postgres: PostgresConfig,
     pub kafka: KafkaConfig,
@@ -313,89 +314,32 @@ pub enum LogFormat {
     Json,
 }
 
-impl Default for PostgresConfig {
+/// The defaults are the `DEFAULT_*` constants, applied in one place: the
+/// resolution of a layer that sets nothing ([`Config::from_layer`]'s first step).
+impl Default for Config {
     fn default() -> Self {
-        PostgresConfig {
-            url: String::new(),
-            password: None,
-            slot: DEFAULT_SLOT.into(),
-            publication: DEFAULT_PUBLICATION.into(),
-            table: TableName::default(),
-            create_slot: DEFAULT_CREATE_SLOT,
-            create_publication: DEFAULT_CREATE_PUBLICATION,
-            failover_slot: DEFAULT_FAILOVER_SLOT,
-            pinned_host: None,
-            application_name: DEFAULT_APPLICATION_NAME.into(),
-            status_interval: DEFAULT_STATUS_INTERVAL,
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
-        }
+        Config::resolve(Layer::default()).0
     }
 }
 
-impl Default for KafkaConfig {
-    fn default() -> Self {
-        KafkaConfig {
-            brokers: String::new(),
-            properties: BTreeMap::new(),
-            create_topics: DEFAULT_CREATE_TOPICS,
-            topic_partitions: DEFAULT_TOPIC_PARTITIONS,
-            topic_replication_factor: DEFAULT_TOPIC_REPLICATION_FACTOR,
-        }
-    }
+/// Each section's default is its part of [`Config::default`].
+macro_rules! section_default {
+    ($($section:ident: $ty:ty),* $(,)?) => {
+        $(impl Default for $ty {
+            fn default() -> Self {
+                Config::default().$section
+            }
+        })*
+    };
 }
 
-impl Default for MappingConfig {
-    fn default() -> Self {
-        MappingConfig {
-            id_column: DEFAULT_ID_COLUMN.into(),
-            key_column: DEFAULT_KEY_COLUMN.into(),
-            route_column: DEFAULT_ROUTE_COLUMN.into(),
-            payload_column: DEFAULT_PAYLOAD_COLUMN.into(),
-            type_column: Some(DEFAULT_TYPE_COLUMN.into()),
-            topic_template: DEFAULT_TOPIC_TEMPLATE.into(),
-            topic: None,
-            header_columns: Vec::new(),
-            provenance_headers: DEFAULT_PROVENANCE_HEADERS,
-            payload_format: DEFAULT_PAYLOAD_FORMAT,
-            message_prefix: Some(DEFAULT_MESSAGE_PREFIX.into()),
-            envelope: DEFAULT_ENVELOPE,
-            ce_source: None,
-            trace_column: Some(DEFAULT_TRACE_COLUMN.into()),
-            tracestate_column: Some(DEFAULT_TRACESTATE_COLUMN.into()),
-        }
-    }
-}
-
-impl Default for RelayConfig {
-    fn default() -> Self {
-        RelayConfig {
-            max_in_flight_records: DEFAULT_MAX_IN_FLIGHT_RECORDS,
-            max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
-            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
-            reconnect_backoff_min: DEFAULT_RECONNECT_BACKOFF_MIN,
-            reconnect_backoff_max: DEFAULT_RECONNECT_BACKOFF_MAX,
-            http_listen: DEFAULT_HTTP_LISTEN.to_string(),
-            ready_stall_timeout: DEFAULT_READY_STALL_TIMEOUT,
-            otlp_endpoint: None,
-            dead_letter_topic: None,
-            poison_policies: Default::default(),
-            slot_busy_retry: DEFAULT_SLOT_BUSY_RETRY,
-            terminate_stale_holder: false,
-            stale_holder_timeout: DEFAULT_STALE_HOLDER_TIMEOUT,
-            delete_delivered: false,
-        }
-    }
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            format: DEFAULT_LOG_FORMAT,
-            filter: DEFAULT_LOG_FILTER.into(),
-        }
-    }
-}
+section_default!(
+    postgres: PostgresConfig,
+    kafka: KafkaConfig,
+    mapping: MappingConfig,
+    relay: RelayConfig,
+    log: LogConfig,
+);
 
 impl MappingConfig {
     /// The columns a row must have, in the order they are checked: id, key, route
