@@ -56,6 +56,8 @@ pub(super) struct Coalesce {
     pause_until: Option<tokio::time::Instant>,
     /// Setting the low-water mark failed once (logged): only pause.
     no_low_water: bool,
+    /// The first pause of the session was logged.
+    logged: bool,
 }
 
 impl Coalesce {
@@ -73,6 +75,17 @@ impl Coalesce {
         stream: &ReplicationStream,
     ) {
         if self.should_pause(frames, read_at) {
+            if !self.logged {
+                self.logged = true;
+                let behind = self
+                    .newest_commit
+                    .map(|t| latency_since_commit(t, read_at))
+                    .unwrap_or_default();
+                tracing::debug!(
+                    behind = ?behind,
+                    "the stream is behind its commits: coalescing small reads until it catches up"
+                );
+            }
             self.pause_until = Some(tokio::time::Instant::now() + PAUSE);
             self.low_water(stream, LOW_WATER);
         }
