@@ -373,20 +373,6 @@ pub fn relay_histograms(port: u16) -> Result<Vec<(String, Buckets)>, String> {
     Ok(out)
 }
 
-/// Moves the relay's (inactive) slot to the current position, so that a
-/// catch-up decodes only its backlog, as the ceiling's fresh slot does (other
-/// scenarios' WAL would otherwise count against the relay).
-pub async fn advance_relay_slot(client: &tokio_postgres::Client) -> Result<(), String> {
-    client
-        .execute(
-            "SELECT pg_replication_slot_advance($1, pg_current_wal_lsn())",
-            &[&RELAY_SLOT],
-        )
-        .await
-        .map(|_| ())
-        .map_err(|e| format!("advance slot {RELAY_SLOT}: {e}"))
-}
-
 /// `0/16B3748` → its position.
 pub fn parse_lsn(lsn: &str) -> Option<u64> {
     let (hi, lo) = lsn.split_once('/')?;
