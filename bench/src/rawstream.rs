@@ -3,7 +3,10 @@
 //! client (`outbox_relay::replication`) with the relay's stream options, so the
 //! ceiling does not depend on how fast `pg_recvlogical` writes `/dev/null`.
 //! Runs as its own process (`outbox-bench raw-stream ...`) for clean CPU and
-//! memory figures.
+//! memory figures. It coalesces reads as the relay does while behind (a read
+//! of fewer than 32 frames: wait 1 ms with `SO_RCVLOWAT` at 64 KiB, see the
+//! relay's `src/relay/coalesce.rs`); without that the ceiling was the cost of
+//! waking up for each of the walsender's sends, and the relay beat it.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -34,6 +37,12 @@ pub struct StreamArgs {
 fn parse_lsn(s: &str) -> Result<u64, String> {
     crate::scenarios::parse_lsn(s).ok_or_else(|| format!("not an LSN: {s}"))
 }
+
+/// The relay's read coalescing while behind (`src/relay/coalesce.rs`); a
+/// catch-up backlog is behind from its first byte to its last.
+const SMALL_BURST: usize = 32;
+const PAUSE: Duration = Duration::from_millis(1);
+const LOW_WATER: usize = 64 * 1024;
 
 #[derive(Debug, Serialize)]
 struct Summary {
@@ -87,8 +96,10 @@ async fn read(a: &StreamArgs) -> Result<Summary, String> {
             .map_err(|e| format!("read: {e}"))?
             .ok_or("the stream ended before the end LSN")?;
         // Like the relay: everything already buffered in one wake-up.
+        let mut burst = 0;
         let done = loop {
             messages += 1;
+            burst += 1;
             let end = match &msg {
                 ReplicationMessage::XLogData { data, .. } => {
                     bytes += data.len() as u64;
@@ -111,6 +122,15 @@ async fn read(a: &StreamArgs) -> Result<Summary, String> {
         };
         if done {
             break;
+        }
+        if burst < SMALL_BURST {
+            stream
+                .set_read_low_water(LOW_WATER)
+                .map_err(|e| format!("SO_RCVLOWAT: {e}"))?;
+            tokio::time::sleep(PAUSE).await;
+            stream
+                .set_read_low_water(1)
+                .map_err(|e| format!("SO_RCVLOWAT: {e}"))?;
         }
         if last_status.elapsed() > Duration::from_secs(10) {
             stream
