@@ -275,10 +275,7 @@ async fn start_lsn_below_confirmed_is_refused_and_table_replay_works() {
 async fn peek_shows_pending_events_without_consuming() {
     let env = Env::new(PgVersion::V15).await;
     let client = env.client().await;
-    let mut relay = env.relay();
-    env.wait_streaming(&mut relay).await;
-    relay.sigterm();
-    relay.wait_exit(DEADLINE).await.expect("relay stops");
+    env.create_slot().await;
     insert_rows(&client, 0, 6, 1).await;
     let (code, out, err) = command(&env, &["peek", "--limit", "3", "--json"]);
     assert_eq!(code, 0, "{err}");
@@ -622,10 +619,7 @@ async fn a_leaked_bookmark_is_visible() {
 async fn peek_streams_a_large_first_transaction() {
     let env = Env::new(PgVersion::V15).await;
     let client = env.client().await;
-    let mut relay = env.relay();
-    env.wait_streaming(&mut relay).await;
-    relay.sigterm();
-    relay.wait_exit(DEADLINE).await.expect("relay stops");
+    env.create_slot().await;
     // One transaction of ~120 MB of rows.
     client
         .execute(

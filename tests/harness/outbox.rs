@@ -91,6 +91,15 @@ impl Env {
     pub async fn wait_streaming(&self, relay: &mut RelayProcess) {
         relay.wait_for_log("streaming", DEADLINE).await;
     }
+
+    /// Run a relay until it streams, then stop it: the slot exists and
+    /// nothing reads it, so what is inserted next is a backlog.
+    pub async fn create_slot(&self) {
+        let mut relay = self.relay();
+        self.wait_streaming(&mut relay).await;
+        relay.sigterm();
+        relay.wait_exit(DEADLINE).await.expect("relay stops");
+    }
 }
 
 /// One inserted row as PostgreSQL renders it.
