@@ -317,13 +317,8 @@ pub async fn run(
         "--summary".into(),
         path_str(&summary),
     ];
-    let mut args = args;
-    for (k, v) in &s.producer_properties {
-        args.push("--property".into());
-        args.push(format!("{k}={v}"));
-    }
     let a = ctx.snapshot(None);
-    let mut raw = ctx.spawn_self("raw-produce", &args)?;
+    let mut raw = ctx.spawn_raw_producer(args)?;
     let status = raw
         .wait_sampling(STEP_TIMEOUT)
         .ok_or("the raw producer did not finish in time")?;

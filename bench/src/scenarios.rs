@@ -189,6 +189,16 @@ impl Ctx {
     }
 
     /// Runs one of the benchmark's own subcommands as a child process.
+    /// The raw producer (`outbox-bench raw-produce ARGS`), with the run's
+    /// `--producer-property` settings, as the relay gets them.
+    pub fn spawn_raw_producer(&self, mut args: Vec<String>) -> Result<Guarded, String> {
+        for (k, v) in &self.settings.producer_properties {
+            args.push("--property".into());
+            args.push(format!("{k}={v}"));
+        }
+        self.spawn_self("raw-produce", &args)
+    }
+
     pub fn spawn_self(&self, name: &str, args: &[String]) -> Result<Guarded, String> {
         let (out, err) = self.log_file(&format!("{name}.log"))?;
         let mut cmd = Command::new(&self.self_exe);

@@ -138,12 +138,7 @@ pub async fn window(
             "--summary".into(),
             path_str(&summary),
         ];
-        let mut args = args;
-        for (k, v) in &s.producer_properties {
-            args.push("--property".into());
-            args.push(format!("{k}={v}"));
-        }
-        poller = Some(ctx.spawn_self("raw-produce", &args)?);
+        poller = Some(ctx.spawn_raw_producer(args)?);
     }
     let subject_pid = match (&*subject, &poller) {
         (Subject::Relay(r, _), _) => r.pid(),

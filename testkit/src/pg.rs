@@ -128,6 +128,37 @@ fn command_as(program: &Path, run_as: Option<(u32, u32)>) -> Command {
     cmd
 }
 
+/// Run a PostgreSQL tool to its end; panic with its output when it fails.
+pub(crate) fn run_tool(cmd: &mut Command, what: &str) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {what}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{what} failed with {}:\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Why a server process that was starting exited: its port was taken when
+/// this run's part of its log (from byte `log_start`) says so in one of
+/// `port_taken`'s words, else the exit status.
+pub(crate) fn start_exit(
+    log_path: &Path,
+    log_start: u64,
+    status: ExitStatus,
+    port_taken: &[&str],
+) -> StartError {
+    let log = read_lossy(log_path);
+    let this_run = log.get(log_start as usize..).unwrap_or(&log);
+    if port_taken.iter().any(|w| this_run.contains(w)) {
+        StartError::PortTaken
+    } else {
+        StartError::Exited(status)
+    }
+}
+
 /// A throwaway PostgreSQL cluster. `Drop` stops it (immediate) and removes its dir.
 pub struct PgCluster {
     version: PgVersion,
@@ -198,23 +229,16 @@ impl PgCluster {
             }
         }
 
-        let out = command_as(&bindir.join("initdb"), run_as)
-            .current_dir(&root)
-            .arg("-D")
-            .arg(root.join("data"))
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C"])
-            .args(["--no-sync", "--no-instructions"])
-            .env("LC_ALL", "C")
-            .output()
-            .unwrap_or_else(|e| panic!("run {}/initdb: {e}", bindir.display()));
-        if !out.status.success() {
-            panic!(
-                "initdb (PostgreSQL {version}) failed with {}:\n{}\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        run_tool(
+            command_as(&bindir.join("initdb"), run_as)
+                .current_dir(&root)
+                .arg("-D")
+                .arg(root.join("data"))
+                .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C"])
+                .args(["--no-sync", "--no-instructions"])
+                .env("LC_ALL", "C"),
+            &format!("initdb (PostgreSQL {version})"),
+        );
 
         let mut conf = String::from("\n# --- outbox-relay test harness ---\n");
         let sock_dir = root.join("sock");
@@ -312,12 +336,12 @@ impl PgCluster {
             let child = self.child.as_mut().expect("just spawned");
             if let Some(status) = process::try_reap(child) {
                 self.child = None;
-                let log = read_lossy(&log_path);
-                let this_run = log.get(log_start as usize..).unwrap_or(&log);
-                if this_run.contains("could not bind") || this_run.contains("already in use") {
-                    return Err(StartError::PortTaken);
-                }
-                return Err(StartError::Exited(status));
+                return Err(start_exit(
+                    &log_path,
+                    log_start,
+                    status,
+                    &["could not bind", "already in use"],
+                ));
             }
             // postmaster.pid line 1 is the pid, line 8 the status ("ready" once it
             // accepts connections, after crash recovery if any); what pg_ctl -w reads.

@@ -15,7 +15,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::pg::StartError;
+use crate::pg::{start_exit, StartError};
 use crate::process::{
     self, dispose_temp_dir, dump_log_if_panicking, free_port, kill9_and_reap, open_log,
     port_accepts, read_lossy, signal, tail, temp_dir, unique_name, wait_all_threads_stopped,
@@ -230,12 +230,12 @@ impl Broker {
             let child = self.child.as_mut().expect("just spawned");
             if let Some(status) = process::try_reap(child) {
                 self.child = None;
-                let log = read_lossy(&log_path);
-                let this_run = log.get(log_start as usize..).unwrap_or(&log);
-                if this_run.contains("AddrInUse") || this_run.contains("in use") {
-                    return Err(StartError::PortTaken);
-                }
-                return Err(StartError::Exited(status));
+                return Err(start_exit(
+                    &log_path,
+                    log_start,
+                    status,
+                    &["AddrInUse", "in use"],
+                ));
             }
             let log = read_lossy(&log_path);
             let this_run = log.get(log_start as usize..).unwrap_or(&log);

@@ -60,23 +60,16 @@ pub async fn start_standby(primary: &PgCluster, name: &str, setup: StandbySetup)
         }
     }
     let data = root.join("data");
-    let out = command_as(&bindir.join("pg_basebackup"), run_as)
-        .current_dir(&root)
-        .arg("-D")
-        .arg(&data)
-        .args(["-h", "127.0.0.1", "-p", &primary.port.to_string()])
-        .args(["-U", "postgres", "-X", "stream", "-S", name])
-        .args(["-c", "fast", "--no-sync"])
-        .output()
-        .unwrap_or_else(|e| panic!("run {}/pg_basebackup: {e}", bindir.display()));
-    if !out.status.success() {
-        panic!(
-            "pg_basebackup (PostgreSQL {version}) failed with {}:\n{}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    super::run_tool(
+        command_as(&bindir.join("pg_basebackup"), run_as)
+            .current_dir(&root)
+            .arg("-D")
+            .arg(&data)
+            .args(["-h", "127.0.0.1", "-p", &primary.port.to_string()])
+            .args(["-U", "postgres", "-X", "stream", "-S", name])
+            .args(["-c", "fast", "--no-sync"]),
+        &format!("pg_basebackup (PostgreSQL {version})"),
+    );
     // postgresql.auto.conf is read last: these win over the primary's copied
     // postgresql.conf (its socket directory, say).
     let mut conf = String::from("\n# --- outbox-relay test harness: standby ---\n");
